@@ -1,0 +1,339 @@
+//! Types shared by twtrace's kernel programs and its userspace.
+//!
+//! Every record the kernel writes to the ring buffer starts with an [`EventHeader`] whose `kind`
+//! says which fixed-size payload struct follows. All structs are `#[repr(C)]` with explicit
+//! padding so both sides agree on the layout byte for byte; the userspace decoder checks sizes.
+//! Kernel struct offsets are not here: they are read from the running kernel's BTF at load time
+//! and handed to the programs in [`Config`].
+#![no_std]
+
+/// Length of `task_struct.comm`.
+pub const COMM_LEN: usize = 16;
+
+/// Kernel TCP state numbers (include/net/tcp_states.h).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// What a ring-buffer record is. The discriminant is `EventHeader::kind`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A TIME_WAIT socket armed its timer for the first time: it exists. Payload [`TwOpen`].
+    TwEnter = 1,
+    /// An armed TIME_WAIT timer was pushed back (FIN, ACK or out-of-window segment). [`TwUpdate`].
+    TwResched = 2,
+    /// A TIME_WAIT socket ended; `TwUpdate::end` says how. [`TwUpdate`].
+    TwEnd = 3,
+    /// A connection this host closed first ended without a TIME_WAIT. [`NoTw`].
+    NoTw = 4,
+}
+
+impl EventKind {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::TwEnter),
+            2 => Some(Self::TwResched),
+            3 => Some(Self::TwEnd),
+            4 => Some(Self::NoTw),
+            _ => None,
+        }
+    }
+}
+
+/// How a TIME_WAIT ended (`TwUpdate::end`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// Its timer ran out.
+    Expired = 1,
+    /// Killed early by an outbound connect() taking its 4-tuple (tcp_tw_reuse).
+    Reused = 2,
+    /// Killed early by an inbound SYN that a listener accepted on the same 4-tuple.
+    Recycled = 3,
+    /// Killed by a RST: one it sent (late SYN or data) or one it received (assassination).
+    Reset = 4,
+    /// Destroyed with its network namespace.
+    Purged = 5,
+}
+
+impl EndReason {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Expired),
+            2 => Some(Self::Reused),
+            3 => Some(Self::Recycled),
+            4 => Some(Self::Reset),
+            5 => Some(Self::Purged),
+            _ => None,
+        }
+    }
+}
+
+/// Why a close this host started did not leave a TIME_WAIT (`NoTw::reason`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoTwReason {
+    /// tcp_max_tw_buckets was full (TcpExtTCPTimeWaitOverflow).
+    Overflow = 1,
+    /// This host reset the connection: SO_LINGER 0, close with unread data, TCP_LINGER2 < 0,
+    /// FIN_WAIT2 timeout.
+    Abort = 2,
+    /// The peer reset the connection after this host had sent its FIN.
+    PeerReset = 3,
+}
+
+impl NoTwReason {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Overflow),
+            2 => Some(Self::Abort),
+            3 => Some(Self::PeerReset),
+            _ => None,
+        }
+    }
+}
+
+/// Which side opened the connection, learnt at CLOSE->SYN_SENT or LISTEN->SYN_RECV.
+pub mod role {
+    pub const UNKNOWN: u8 = 0;
+    pub const CLIENT: u8 = 1;
+    pub const SERVER: u8 = 2;
+}
+
+/// How this host closed: first (active) or at the same time as the peer (CLOSING).
+pub mod close_kind {
+    pub const UNKNOWN: u8 = 0;
+    pub const ACTIVE: u8 = 1;
+    pub const SIMULTANEOUS: u8 = 2;
+}
+
+/// Start of every ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`].
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    /// CPU that wrote the record (`bpf_get_smp_processor_id`).
+    pub cpu: u32,
+    /// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`) of the moment the event describes.
+    pub ts_ns: u64,
+}
+
+/// Who did something: a task at the moment of a state change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Task {
+    /// Process id (kernel tgid); 0 when unknown.
+    pub pid: u32,
+    /// Thread id (kernel pid).
+    pub tid: u32,
+    pub uid: u32,
+    pub _pad: u32,
+    /// cgroup v2 id of the task; 0 when unknown.
+    pub cgroup: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// A connection's identity. Addresses are in network byte order; IPv4 uses the first 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conn {
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
+    /// Network namespace inode number.
+    pub netns: u32,
+    /// Host byte order.
+    pub lport: u16,
+    /// Host byte order.
+    pub rport: u16,
+    /// AF_INET or AF_INET6.
+    pub family: u16,
+    pub _pad: [u8; 6],
+}
+
+/// `TwOpen::flags`: the closer's attribution was carried from its close() call.
+pub const OPEN_ATTRIBUTED: u8 = 1;
+
+/// Payload of [`EventKind::TwEnter`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TwOpen {
+    pub hdr: EventHeader,
+    /// Socket cookie, shared by the closing socket and its TIME_WAIT; 0 when never assigned.
+    pub cookie: u64,
+    /// Kernel address of the `inet_timewait_sock`; a key only while it lives.
+    pub tw: u64,
+    pub conn: Conn,
+    /// The task that closed first (close()/shutdown() at ESTABLISHED->FIN_WAIT1).
+    pub closer: Task,
+    /// A `role` constant.
+    pub role: u8,
+    /// A `close_kind` constant.
+    pub close: u8,
+    /// `tw_substate`: TIME_WAIT, or FIN_WAIT2 for an orphaned socket waiting for the peer's FIN.
+    pub substate: u8,
+    pub flags: u8,
+    /// Timer length in jiffies as armed.
+    pub timeout_jiffies: u32,
+}
+
+/// Payload of [`EventKind::TwResched`] and [`EventKind::TwEnd`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TwUpdate {
+    pub hdr: EventHeader,
+    pub cookie: u64,
+    pub tw: u64,
+    /// For `Reused`: the connecting task that took the 4-tuple. Otherwise the current task.
+    pub by: Task,
+    pub substate: u8,
+    /// An [`EndReason`] for `TwEnd`; 0 for `TwResched`.
+    pub end: u8,
+    pub _pad: [u8; 2],
+    /// For `TwResched`: the new timer length in jiffies.
+    pub timeout_jiffies: u32,
+}
+
+/// Payload of [`EventKind::NoTw`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoTw {
+    pub hdr: EventHeader,
+    pub cookie: u64,
+    pub conn: Conn,
+    pub closer: Task,
+    pub role: u8,
+    pub close: u8,
+    /// A [`NoTwReason`].
+    pub reason: u8,
+    /// TCP state the socket left for CLOSE.
+    pub oldstate: u8,
+    pub _pad: u32,
+}
+
+/// Indices into the per-CPU `COUNTERS` array: things the kernel side could not do.
+pub mod counter {
+    /// `bpf_ringbuf_reserve` failed: an event was dropped.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// A connection could not be remembered (map update failed).
+    pub const CONN_MAP_FAIL: u32 = 1;
+    /// A kernel read (`bpf_probe_read_kernel`) failed.
+    pub const READ_FAIL: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+/// Kernel struct offsets and symbol addresses, read from BTF and /proc/kallsyms at load time,
+/// plus the in-kernel filters. Passed as the read-only global `CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Address of `tw_timer_handler`: identifies TIME_WAIT timers.
+    pub tw_timer_handler: u64,
+    /// Address of `reqsk_timer_handler`: a request socket's SYN-ACK timer.
+    pub reqsk_timer_handler: u64,
+    pub off: Offsets,
+    pub filter: Filter,
+    /// twtrace's own process id, whose activity is ignored.
+    pub self_pid: u32,
+    /// Non-zero: emit aya-log diagnostics.
+    pub verbose: u32,
+}
+
+/// Byte offsets inside kernel structs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offsets {
+    /// `timer_list.function`.
+    pub timer_function: u32,
+    /// `timer_list.expires`.
+    pub timer_expires: u32,
+    /// `inet_timewait_sock.tw_timer`.
+    pub tw_timer: u32,
+    /// `inet_timewait_sock.tw_substate`.
+    pub tw_substate: u32,
+    /// `inet_timewait_sock.tw_sport` (big-endian).
+    pub tw_sport: u32,
+    /// `request_sock.rsk_timer`.
+    pub rsk_timer: u32,
+    /// `sock_common` fields; a `sock`, an `inet_timewait_sock` and a `request_sock` all start
+    /// with one.
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_net: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_cookie: u32,
+    /// `inet_sock.inet_sport` (big-endian); kept after the port is released at CLOSE.
+    pub inet_sport: u32,
+    /// `sock.sk_protocol`.
+    pub sk_protocol: u32,
+    /// `net.ns.inum`.
+    pub net_inum: u32,
+    /// `net.ns` reference count (`__ns_ref` or `count`): 0 while the netns is being destroyed.
+    pub net_ns_refcount: u32,
+    /// `net.ipv4.tcp_death_row.tw_refcount`.
+    pub net_tw_refcount: u32,
+    /// `net.ipv4.tcp_death_row.sysctl_max_tw_buckets`.
+    pub net_max_tw_buckets: u32,
+}
+
+/// In-kernel filters; zero means "any".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub pid: u32,
+    pub netns: u32,
+    /// AF_INET or AF_INET6.
+    pub family: u16,
+    /// Number of entries used in `lports` / `rports`.
+    pub n_lports: u8,
+    pub n_rports: u8,
+    pub lports: [u16; MAX_PORT_FILTERS],
+    pub rports: [u16; MAX_PORT_FILTERS],
+    /// Non-zero length: only closes by tasks with this comm.
+    pub comm_len: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+pub const MAX_PORT_FILTERS: usize = 8;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all these are `#[repr(C)]`, `Copy`, have explicit padding and no pointers, so
+    // any byte pattern is a valid value.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::TwOpen {}
+    unsafe impl aya::Pod for super::TwUpdate {}
+    unsafe impl aya::Pod for super::NoTw {}
+}
+
+/// Compile-time layout checks: both sides must see the same sizes.
+const _: () = {
+    assert!(core::mem::size_of::<EventHeader>() == 16);
+    assert!(core::mem::size_of::<Task>() == 40);
+    assert!(core::mem::size_of::<Conn>() == 48);
+    assert!(core::mem::size_of::<TwOpen>() == 128);
+    assert!(core::mem::size_of::<TwUpdate>() == 80);
+    assert!(core::mem::size_of::<NoTw>() == 120);
+    assert!(core::mem::size_of::<Filter>() == 64);
+};

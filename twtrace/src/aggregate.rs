@@ -1,0 +1,574 @@
+//! The aggregator: the one place where events become TIME_WAIT lifetimes and totals. Every view
+//! (trace lines, JSON, and later the live view, recordings and reports) reads from it.
+//!
+//! It is pure Rust and clock-injected: it never reads a clock itself, so tests drive time.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::event::{
+    CloseKind, EndReason, Endpoints, Event, NoTimeWait, NoTwReason, Process, Role, Substate, TwEnd,
+    TwEnter, TwExisting, TwKey,
+};
+
+/// TCP_TIMEWAIT_LEN: a true TIME_WAIT's timer.
+pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
+/// An end that arrives before its enter (another CPU's record overtook it) waits this long.
+const EARLY_END_TTL_NS: u64 = 5_000_000_000;
+/// Cookies of ended TIME_WAITs are remembered this long, so a start-up scan that raced with
+/// their end does not bring them back.
+const RECENT_END_TTL_NS: u64 = 30_000_000_000;
+/// A TIME_WAIT whose timer should have fired this long ago, with no end seen, is given up.
+const OVERDUE_GRACE_NS: u64 = 30_000_000_000;
+
+/// Source of CLOCK_MONOTONIC nanoseconds, the clock the kernel stamps events with.
+pub trait Clock {
+    fn now_ns(&self) -> u64;
+}
+
+pub struct MonotonicClock;
+
+impl Clock for MonotonicClock {
+    fn now_ns(&self) -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+}
+
+/// A TIME_WAIT socket that is alive now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AliveTw {
+    pub key: TwKey,
+    pub conn: Endpoints,
+    pub closer: Option<Process>,
+    pub role: Role,
+    pub close: CloseKind,
+    pub substate: Substate,
+    /// When it entered (CLOCK_MONOTONIC ns). Estimated for pre-existing ones.
+    pub entered_ns: u64,
+    /// When its timer was last armed, and for how long.
+    pub armed_ns: u64,
+    pub timeout_ns: u64,
+    pub rescheduled: u32,
+    /// Found by the start-up scan rather than seen entering.
+    pub preexisting: bool,
+}
+
+/// A finished TIME_WAIT.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TimeWaitRecord {
+    #[serde(flatten)]
+    pub tw: AliveTw,
+    pub ended_ns: u64,
+    pub end: EndReason,
+    pub reused_by: Option<Process>,
+}
+
+impl TimeWaitRecord {
+    pub fn lifetime_ns(&self) -> u64 {
+        self.ended_ns.saturating_sub(self.tw.entered_ns)
+    }
+}
+
+/// What the aggregator hands to views as it goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    TimeWait(TimeWaitRecord),
+    NoTimeWait(NoTimeWait),
+}
+
+/// Running totals since the start.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    pub entered: u64,
+    pub preexisting: u64,
+    pub rescheduled: u64,
+    pub ended: u64,
+    pub expired: u64,
+    pub reused: u64,
+    pub recycled: u64,
+    pub reset: u64,
+    pub purged: u64,
+    pub overflow: u64,
+    pub abort: u64,
+    pub peer_reset: u64,
+    /// Ends never matched to a TIME_WAIT (entered before an event was lost, or filtered).
+    pub unmatched_ends: u64,
+    /// TIME_WAITs given up on: their timer should have ended them long ago.
+    pub overdue_dropped: u64,
+}
+
+impl Totals {
+    fn count_end(&mut self, end: EndReason) {
+        self.ended += 1;
+        *match end {
+            EndReason::Expired => &mut self.expired,
+            EndReason::Reused => &mut self.reused,
+            EndReason::Recycled => &mut self.recycled,
+            EndReason::Reset => &mut self.reset,
+            EndReason::Purged => &mut self.purged,
+        } += 1;
+    }
+
+    fn count_no_tw(&mut self, r: NoTwReason) {
+        *match r {
+            NoTwReason::Overflow => &mut self.overflow,
+            NoTwReason::Abort => &mut self.abort,
+            NoTwReason::PeerReset => &mut self.peer_reset,
+        } += 1;
+    }
+}
+
+pub struct Aggregator<C: Clock> {
+    clock: C,
+    jiffy_ns: u64,
+    alive: HashMap<TwKey, AliveTw>,
+    early_ends: HashMap<TwKey, (TwEnd, u64)>,
+    recent_ends: HashMap<u64, u64>,
+    totals: Totals,
+}
+
+impl<C: Clock> Aggregator<C> {
+    /// `hz` is the kernel's CONFIG_HZ, which timer lengths in events are counted in.
+    pub fn new(clock: C, hz: u32) -> Self {
+        Self {
+            clock,
+            jiffy_ns: 1_000_000_000 / u64::from(hz.max(1)),
+            alive: HashMap::new(),
+            early_ends: HashMap::new(),
+            recent_ends: HashMap::new(),
+            totals: Totals::default(),
+        }
+    }
+
+    pub fn totals(&self) -> &Totals {
+        &self.totals
+    }
+
+    pub fn alive(&self) -> impl Iterator<Item = &AliveTw> {
+        self.alive.values()
+    }
+
+    pub fn alive_count(&self) -> usize {
+        self.alive.len()
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    /// Feeds one event; finished TIME_WAITs and TIME_WAIT-less closes are pushed to `out`.
+    pub fn ingest(&mut self, ev: Event, out: &mut Vec<Record>) {
+        match ev {
+            Event::TwEnter(e) => self.enter(e, out),
+            Event::TwResched(r) => {
+                if let Some(tw) = self.alive.get_mut(&r.key) {
+                    tw.substate = r.substate;
+                    tw.armed_ns = r.ts_ns;
+                    tw.timeout_ns = u64::from(r.timeout_jiffies) * self.jiffy_ns;
+                    tw.rescheduled += 1;
+                    self.totals.rescheduled += 1;
+                }
+            }
+            Event::TwEnd(e) => self.end(e, out),
+            Event::NoTimeWait(n) => {
+                self.totals.count_no_tw(n.reason);
+                out.push(Record::NoTimeWait(n));
+            }
+            Event::TwExisting { ts_ns, sockets } => {
+                for s in sockets {
+                    self.existing(ts_ns, s, out);
+                }
+            }
+        }
+    }
+
+    fn enter(&mut self, e: TwEnter, out: &mut Vec<Record>) {
+        let tw = AliveTw {
+            key: e.key,
+            conn: e.conn,
+            closer: e.closer,
+            role: e.role,
+            close: e.close,
+            substate: e.substate,
+            entered_ns: e.ts_ns,
+            armed_ns: e.ts_ns,
+            timeout_ns: u64::from(e.timeout_jiffies) * self.jiffy_ns,
+            rescheduled: 0,
+            preexisting: false,
+        };
+        self.totals.entered += 1;
+        if let Some(old) = self.alive.insert(e.key, tw) {
+            // Only address keys can collide: the old socket's end was lost and its memory reused.
+            debug_assert!(matches!(old.key, TwKey::Addr(_)));
+            self.totals.overdue_dropped += 1;
+        }
+        if let Some((end, _)) = self.early_ends.remove(&e.key) {
+            if end.ts_ns >= e.ts_ns {
+                self.end(end, out);
+            } else {
+                self.totals.unmatched_ends += 1;
+            }
+        }
+    }
+
+    fn end(&mut self, e: TwEnd, out: &mut Vec<Record>) {
+        let Some(mut tw) = self.alive.remove(&e.key) else {
+            let now = self.clock.now_ns();
+            if self.early_ends.insert(e.key, (e, now)).is_some() {
+                self.totals.unmatched_ends += 1;
+            }
+            return;
+        };
+        self.totals.count_end(e.end);
+        tw.substate = e.substate;
+        if let TwKey::Cookie(c) = e.key {
+            self.recent_ends.insert(c, e.ts_ns);
+        }
+        out.push(Record::TimeWait(TimeWaitRecord {
+            tw,
+            ended_ns: e.ts_ns,
+            end: e.end,
+            reused_by: e.by,
+        }));
+    }
+
+    fn existing(&mut self, ts_ns: u64, s: TwExisting, out: &mut Vec<Record>) {
+        let key = TwKey::new(s.cookie, 0);
+        if s.cookie == 0 || self.alive.contains_key(&key) || self.recent_ends.contains_key(&s.cookie) {
+            return;
+        }
+        let remaining = u64::from(s.remaining_ms) * 1_000_000;
+        // A true TIME_WAIT was armed for 60 s; without reschedules it entered 60 s - remaining
+        // ago. For the FIN_WAIT2 substate the length is unknown: count from the scan.
+        let entered_ns = match s.substate {
+            Substate::TimeWait => ts_ns.saturating_sub(TIMEWAIT_LEN_NS.saturating_sub(remaining)),
+            Substate::FinWait2 => ts_ns,
+        };
+        let tw = AliveTw {
+            key,
+            conn: Endpoints {
+                netns: s.netns,
+                family: s.family,
+                laddr: s.laddr,
+                lport: s.lport,
+                raddr: s.raddr,
+                rport: s.rport,
+            },
+            closer: None,
+            role: Role::Unknown,
+            close: CloseKind::Unknown,
+            substate: s.substate,
+            entered_ns,
+            armed_ns: ts_ns,
+            timeout_ns: remaining,
+            rescheduled: 0,
+            preexisting: true,
+        };
+        self.totals.preexisting += 1;
+        self.alive.insert(key, tw);
+        if let Some((end, _)) = self.early_ends.remove(&key) {
+            self.end(end, out);
+        }
+    }
+
+    /// Housekeeping driven by the injected clock: forgets ends that never found their
+    /// TIME_WAIT, and gives up on TIME_WAITs whose timer should have fired long ago (their end
+    /// was lost). Call about once a second.
+    pub fn tick(&mut self) {
+        let now = self.clock.now_ns();
+        let before = self.early_ends.len();
+        self.early_ends
+            .retain(|_, (_, arrived)| now.saturating_sub(*arrived) < EARLY_END_TTL_NS);
+        self.totals.unmatched_ends += (before - self.early_ends.len()) as u64;
+        self.recent_ends
+            .retain(|_, ended| now.saturating_sub(*ended) < RECENT_END_TTL_NS);
+        let before = self.alive.len();
+        self.alive
+            .retain(|_, tw| now < tw.armed_ns + tw.timeout_ns + OVERDUE_GRACE_NS);
+        self.totals.overdue_dropped += (before - self.alive.len()) as u64;
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::{cell::Cell, net::IpAddr, rc::Rc};
+
+    use super::*;
+    use crate::event::{Family, TwResched};
+
+    #[derive(Clone, Default)]
+    pub struct ManualClock(pub Rc<Cell<u64>>);
+
+    impl Clock for ManualClock {
+        fn now_ns(&self) -> u64 {
+            self.0.get()
+        }
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    fn agg() -> (Aggregator<ManualClock>, ManualClock) {
+        let c = ManualClock::default();
+        (Aggregator::new(c.clone(), 250), c)
+    }
+
+    fn conn(lport: u16) -> Endpoints {
+        Endpoints {
+            netns: 1,
+            family: Family::Ipv4,
+            laddr: IpAddr::from([127, 0, 0, 1]),
+            lport,
+            raddr: IpAddr::from([127, 0, 0, 1]),
+            rport: 8080,
+        }
+    }
+
+    fn proc_(pid: u32, comm: &str) -> Process {
+        Process {
+            pid,
+            tid: pid,
+            uid: 0,
+            comm: comm.into(),
+            cgroup_id: 0,
+        }
+    }
+
+    pub fn enter(key: TwKey, ts: u64, substate: Substate) -> Event {
+        Event::TwEnter(TwEnter {
+            ts_ns: ts,
+            cpu: 0,
+            key,
+            conn: conn(40000),
+            closer: Some(proc_(10, "client")),
+            role: Role::Client,
+            close: CloseKind::Active,
+            substate,
+            timeout_jiffies: 15000,
+        })
+    }
+
+    pub fn end(key: TwKey, ts: u64, end: EndReason) -> Event {
+        Event::TwEnd(TwEnd {
+            ts_ns: ts,
+            cpu: 1,
+            key,
+            end,
+            substate: Substate::TimeWait,
+            by: (end == EndReason::Reused).then(|| proc_(20, "reuser")),
+        })
+    }
+
+    fn only_tw(out: &[Record]) -> &TimeWaitRecord {
+        match out {
+            [Record::TimeWait(r)] => r,
+            other => panic!("expected one TIME_WAIT record, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_end_reason_yields_a_lifetime() {
+        for (i, reason) in EndReason::ALL.into_iter().enumerate() {
+            let (mut a, _) = agg();
+            let key = TwKey::Cookie(i as u64 + 1);
+            let mut out = vec![];
+            a.ingest(enter(key, 10 * S, Substate::TimeWait), &mut out);
+            assert!(out.is_empty());
+            assert_eq!(a.alive_count(), 1);
+            a.ingest(end(key, 12 * S, reason), &mut out);
+            let r = only_tw(&out);
+            assert_eq!(r.end, reason);
+            assert_eq!(r.lifetime_ns(), 2 * S);
+            assert_eq!(r.tw.closer.as_ref().unwrap().comm, "client");
+            assert_eq!(r.reused_by.is_some(), reason == EndReason::Reused);
+            assert_eq!(a.alive_count(), 0);
+            assert_eq!(a.totals().ended, 1);
+        }
+    }
+
+    #[test]
+    fn attribution_is_carried_not_taken_from_the_ending_context() {
+        // The enter event carries the closer captured at close(); the end happens in softirq
+        // under another task, which must not replace it.
+        let (mut a, _) = agg();
+        let key = TwKey::Cookie(5);
+        let mut out = vec![];
+        a.ingest(enter(key, S, Substate::FinWait2), &mut out);
+        a.ingest(
+            Event::TwResched(TwResched {
+                ts_ns: 2 * S,
+                cpu: 1,
+                key,
+                substate: Substate::TimeWait,
+                timeout_jiffies: 15000,
+            }),
+            &mut out,
+        );
+        a.ingest(end(key, 62 * S, EndReason::Expired), &mut out);
+        let r = only_tw(&out);
+        assert_eq!(r.tw.closer.as_ref().unwrap().pid, 10);
+        assert_eq!(r.tw.rescheduled, 1);
+        assert_eq!(r.tw.substate, Substate::TimeWait);
+        assert_eq!(r.lifetime_ns(), 61 * S);
+    }
+
+    #[test]
+    fn address_keys_survive_pointer_reuse() {
+        // The same slab address, two TIME_WAITs one after the other: two separate lifetimes.
+        let (mut a, _) = agg();
+        let key = TwKey::Addr(0xffff_1000);
+        let mut out = vec![];
+        a.ingest(enter(key, S, Substate::TimeWait), &mut out);
+        a.ingest(end(key, 2 * S, EndReason::Reused), &mut out);
+        a.ingest(enter(key, 3 * S, Substate::TimeWait), &mut out);
+        a.ingest(end(key, 63 * S, EndReason::Expired), &mut out);
+        assert_eq!(out.len(), 2);
+        let lifetimes: Vec<u64> = out
+            .iter()
+            .map(|r| match r {
+                Record::TimeWait(t) => t.lifetime_ns(),
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(lifetimes, vec![S, 60 * S]);
+        // A lost end followed by reuse of the address replaces the stale entry.
+        a.ingest(enter(key, 70 * S, Substate::TimeWait), &mut out);
+        a.ingest(enter(key, 80 * S, Substate::TimeWait), &mut out);
+        assert_eq!(a.alive_count(), 1);
+        assert_eq!(a.totals().overdue_dropped, 1);
+    }
+
+    #[test]
+    fn end_before_enter_across_cpus_is_matched() {
+        let (mut a, clock) = agg();
+        let key = TwKey::Cookie(9);
+        let mut out = vec![];
+        a.ingest(end(key, 5 * S, EndReason::Reset), &mut out);
+        assert!(out.is_empty());
+        clock.0.set(S / 10);
+        a.tick();
+        a.ingest(enter(key, 4 * S, Substate::TimeWait), &mut out);
+        let r = only_tw(&out);
+        assert_eq!(r.end, EndReason::Reset);
+        assert_eq!(r.lifetime_ns(), S);
+        assert_eq!(a.totals().unmatched_ends, 0);
+    }
+
+    #[test]
+    fn unmatched_ends_are_forgotten_after_a_while() {
+        let (mut a, clock) = agg();
+        let mut out = vec![];
+        a.ingest(end(TwKey::Cookie(1), S, EndReason::Expired), &mut out);
+        clock.0.set(EARLY_END_TTL_NS + 1);
+        a.tick();
+        assert_eq!(a.totals().unmatched_ends, 1);
+        a.ingest(enter(TwKey::Cookie(1), 2 * S, Substate::TimeWait), &mut out);
+        assert!(out.is_empty());
+    }
+
+    fn existing(cookie: u64, remaining_ms: u32) -> TwExisting {
+        TwExisting {
+            netns: 1,
+            family: Family::Ipv4,
+            laddr: IpAddr::from([127, 0, 0, 1]),
+            lport: 1,
+            raddr: IpAddr::from([127, 0, 0, 1]),
+            rport: 2,
+            cookie,
+            substate: Substate::TimeWait,
+            remaining_ms,
+        }
+    }
+
+    #[test]
+    fn preexisting_time_waits_are_tracked_to_their_end() {
+        let (mut a, _) = agg();
+        let mut out = vec![];
+        a.ingest(
+            Event::TwExisting {
+                ts_ns: 100 * S,
+                sockets: vec![existing(77, 45_000)],
+            },
+            &mut out,
+        );
+        assert_eq!(a.alive_count(), 1);
+        assert_eq!(a.totals().preexisting, 1);
+        a.ingest(end(TwKey::Cookie(77), 145 * S, EndReason::Expired), &mut out);
+        let r = only_tw(&out);
+        assert!(r.tw.preexisting);
+        // Entered 15 s before the scan (60 s - 45 s left), ended 45 s after it.
+        assert_eq!(r.lifetime_ns(), 60 * S);
+    }
+
+    #[test]
+    fn scan_does_not_duplicate_or_revive() {
+        let (mut a, _) = agg();
+        let mut out = vec![];
+        // Seen entering live, then also found by the scan: one TIME_WAIT.
+        a.ingest(enter(TwKey::Cookie(1), S, Substate::TimeWait), &mut out);
+        // Ended live before the scan's answer was ingested: must not come back.
+        a.ingest(enter(TwKey::Cookie(2), S, Substate::TimeWait), &mut out);
+        a.ingest(end(TwKey::Cookie(2), 2 * S, EndReason::Reused), &mut out);
+        // Ended before the scan result arrived, and never seen entering.
+        a.ingest(end(TwKey::Cookie(3), 2 * S, EndReason::Expired), &mut out);
+        out.clear();
+        a.ingest(
+            Event::TwExisting {
+                ts_ns: 3 * S,
+                sockets: vec![existing(1, 59_000), existing(2, 59_000), existing(3, 1_000)],
+            },
+            &mut out,
+        );
+        assert_eq!(a.alive_count(), 1);
+        assert_eq!(a.totals().preexisting, 1);
+        // Cookie 3 was found by the scan and its early end applies to it at once.
+        let r = only_tw(&out);
+        assert_eq!(r.tw.key, TwKey::Cookie(3));
+        assert_eq!(r.end, EndReason::Expired);
+    }
+
+    #[test]
+    fn overdue_time_waits_are_dropped_not_kept_forever() {
+        let (mut a, clock) = agg();
+        let mut out = vec![];
+        a.ingest(enter(TwKey::Cookie(1), S, Substate::TimeWait), &mut out);
+        clock.0.set(61 * S + OVERDUE_GRACE_NS - 1);
+        a.tick();
+        assert_eq!(a.alive_count(), 1);
+        clock.0.set(61 * S + OVERDUE_GRACE_NS + 1);
+        a.tick();
+        assert_eq!(a.alive_count(), 0);
+        assert_eq!(a.totals().overdue_dropped, 1);
+    }
+
+    #[test]
+    fn closes_without_time_wait_are_counted_and_passed_on() {
+        let (mut a, _) = agg();
+        let mut out = vec![];
+        for reason in [NoTwReason::Overflow, NoTwReason::Abort, NoTwReason::Overflow] {
+            a.ingest(
+                Event::NoTimeWait(NoTimeWait {
+                    ts_ns: S,
+                    cpu: 0,
+                    cookie: 1,
+                    conn: conn(1),
+                    closer: Some(proc_(3, "srv")),
+                    role: Role::Server,
+                    close: CloseKind::Active,
+                    reason,
+                    oldstate: 5,
+                }),
+                &mut out,
+            );
+        }
+        assert_eq!(out.len(), 3);
+        assert_eq!(a.totals().overflow, 2);
+        assert_eq!(a.totals().abort, 1);
+        assert_eq!(a.alive_count(), 0);
+    }
+}

@@ -1,0 +1,155 @@
+//! `twtrace trace`: streams finished TIME_WAITs and TIME_WAIT-less closes.
+
+use std::{
+    io::{self, BufWriter, Write as _},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use tokio::signal::unix::{SignalKind, signal};
+use twtrace::{
+    aggregate::{Aggregator, MonotonicClock, Record},
+    cgroup::CgroupNames,
+    cli::TraceArgs,
+    kernel::{config_hz, tracer::Loss},
+    output::{TimeBase, json, lines},
+    source::LiveSource,
+};
+
+/// Used when the kernel's CONFIG_HZ cannot be read; only timer lengths depend on it.
+const FALLBACK_HZ: u32 = 250;
+
+pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
+    let filters = args.filter.filters()?;
+    if !args.ring_mib.is_power_of_two() || args.ring_mib > 1024 {
+        bail!("--ring-mib must be a power of two between 1 and 1024");
+    }
+    let mut source = LiveSource::start(
+        &filters,
+        verbose,
+        args.ring_mib << 20,
+        !args.no_existing,
+    )?;
+    let hz = config_hz().unwrap_or_else(|| {
+        log::warn!("cannot read CONFIG_HZ; assuming {FALLBACK_HZ} for timer lengths");
+        FALLBACK_HZ
+    });
+    let mut agg = Aggregator::new(MonotonicClock, hz);
+    let tb = TimeBase::now();
+    let mut cgroups = CgroupNames::default();
+    let mut stdout = BufWriter::new(io::stdout().lock());
+    if !args.json {
+        writeln!(stdout, "{}", lines::HEADER)?;
+        stdout.flush()?;
+    }
+    eprintln!("twtrace: tracing TIME_WAIT; Ctrl-C to stop");
+
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let deadline = async {
+        match args.duration {
+            Some(s) => tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut events = Vec::new();
+    let mut records = Vec::new();
+    let mut reported = Loss::default();
+
+    loop {
+        tokio::select! {
+            r = source.read(&mut events) => r.context("reading kernel events")?,
+            _ = tick.tick() => {
+                agg.tick();
+                reported = warn_new_loss(&source.loss(), reported);
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut deadline => break,
+        }
+        if emit(&mut agg, &mut events, &mut records, args.json, &tb, &mut cgroups, &mut stdout)? {
+            return Ok(()); // the reader went away (e.g. `| head`)
+        }
+    }
+    // What the kernel wrote before we stopped still counts.
+    source.drain(&mut events);
+    emit(&mut agg, &mut events, &mut records, args.json, &tb, &mut cgroups, &mut stdout)?;
+    drop(stdout);
+    summary(&agg, &source.loss(), source.decode_errors());
+    Ok(())
+}
+
+/// Feeds events to the aggregator and prints its records. Returns true on a broken pipe.
+fn emit(
+    agg: &mut Aggregator<MonotonicClock>,
+    events: &mut Vec<twtrace::event::Event>,
+    records: &mut Vec<Record>,
+    as_json: bool,
+    tb: &TimeBase,
+    cgroups: &mut CgroupNames,
+    out: &mut impl io::Write,
+) -> anyhow::Result<bool> {
+    for e in events.drain(..) {
+        agg.ingest(e, records);
+    }
+    if records.is_empty() {
+        return Ok(false);
+    }
+    let mut write = || -> io::Result<()> {
+        for r in records.drain(..) {
+            if as_json {
+                writeln!(out, "{}", json::line(&r, tb, cgroups))?;
+            } else {
+                writeln!(out, "{}", lines::line(&r, tb))?;
+            }
+        }
+        out.flush()
+    };
+    match write() {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(true),
+        Err(e) => Err(e).context("writing output"),
+    }
+}
+
+/// Never lose data silently: say so as soon as the kernel side drops anything.
+fn warn_new_loss(now: &Loss, before: Loss) -> Loss {
+    if now.ringbuf_full > before.ringbuf_full {
+        eprintln!(
+            "twtrace: WARNING: {} events lost (ring buffer full); try a larger --ring-mib or a filter",
+            now.ringbuf_full - before.ringbuf_full
+        );
+    }
+    if now.recursion_misses > before.recursion_misses {
+        eprintln!(
+            "twtrace: WARNING: {} program runs skipped by the kernel (recursion misses)",
+            now.recursion_misses - before.recursion_misses
+        );
+    }
+    *now
+}
+
+fn summary(agg: &Aggregator<MonotonicClock>, loss: &Loss, decode_errors: u64) {
+    let t = agg.totals();
+    eprintln!(
+        "twtrace: {} TIME_WAITs entered ({} found at start), {} ended (expired {}, reused {}, recycled {}, reset {}, purged {}), {} still alive; closes without TIME_WAIT: overflow {}, abort {}, peer reset {}",
+        t.entered,
+        t.preexisting,
+        t.ended,
+        t.expired,
+        t.reused,
+        t.recycled,
+        t.reset,
+        t.purged,
+        agg.alive_count(),
+        t.overflow,
+        t.abort,
+        t.peer_reset
+    );
+    eprintln!(
+        "twtrace: lost events: {} (ring buffer full); recursion misses: {}; failed kernel reads: {}; connection map failures: {}; undecodable records: {}",
+        loss.ringbuf_full, loss.recursion_misses, loss.read_fail, loss.conn_map_fail, decode_errors
+    );
+}

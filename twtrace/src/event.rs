@@ -1,0 +1,261 @@
+//! Decoded events: what the kernel said, in userspace types. This is the aggregator's input,
+//! whether it comes from the ring buffer, from sock_diag at start-up, or from a recording.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use twtrace_ebpf::{EndReason as KEnd, NoTwReason as KNoTw, close_kind, role, tcp_state};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Client,
+    Server,
+    Unknown,
+}
+
+impl Role {
+    pub fn from_raw(v: u8) -> Self {
+        match v {
+            role::CLIENT => Self::Client,
+            role::SERVER => Self::Server,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloseKind {
+    Active,
+    Simultaneous,
+    Unknown,
+}
+
+impl CloseKind {
+    pub fn from_raw(v: u8) -> Self {
+        match v {
+            close_kind::ACTIVE => Self::Active,
+            close_kind::SIMULTANEOUS => Self::Simultaneous,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// A TIME_WAIT socket's substate: a true TIME_WAIT (60 s), or an orphaned FIN_WAIT2 waiting for
+/// the peer's FIN (tcp_fin_timeout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Substate {
+    TimeWait,
+    FinWait2,
+}
+
+impl Substate {
+    pub fn from_tcp_state(v: u8) -> Self {
+        if v == tcp_state::FIN_WAIT2 {
+            Self::FinWait2
+        } else {
+            Self::TimeWait
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndReason {
+    Expired,
+    Reused,
+    Recycled,
+    Reset,
+    Purged,
+}
+
+impl EndReason {
+    pub fn from_kernel(k: KEnd) -> Self {
+        match k {
+            KEnd::Expired => Self::Expired,
+            KEnd::Reused => Self::Reused,
+            KEnd::Recycled => Self::Recycled,
+            KEnd::Reset => Self::Reset,
+            KEnd::Purged => Self::Purged,
+        }
+    }
+
+    pub const ALL: [EndReason; 5] = [
+        Self::Expired,
+        Self::Reused,
+        Self::Recycled,
+        Self::Reset,
+        Self::Purged,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::Reused => "reused",
+            Self::Recycled => "recycled",
+            Self::Reset => "reset",
+            Self::Purged => "purged",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoTwReason {
+    Overflow,
+    Abort,
+    PeerReset,
+}
+
+impl NoTwReason {
+    pub fn from_kernel(k: KNoTw) -> Self {
+        match k {
+            KNoTw::Overflow => Self::Overflow,
+            KNoTw::Abort => Self::Abort,
+            KNoTw::PeerReset => Self::PeerReset,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Overflow => "overflow",
+            Self::Abort => "abort",
+            Self::PeerReset => "peer_reset",
+        }
+    }
+}
+
+/// A task as the kernel saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Process {
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub comm: String,
+    /// cgroup v2 id; 0 when unknown.
+    pub cgroup_id: u64,
+}
+
+/// A connection's identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Endpoints {
+    pub netns: u32,
+    pub family: Family,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+}
+
+/// How the aggregator knows one TIME_WAIT socket across events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum TwKey {
+    /// The socket cookie, inherited from the closing socket: unique for the boot.
+    Cookie(u64),
+    /// The kernel address, when no cookie was ever assigned; valid only while the socket lives.
+    Addr(u64),
+}
+
+impl TwKey {
+    pub fn new(cookie: u64, tw: u64) -> Self {
+        if cookie != 0 {
+            Self::Cookie(cookie)
+        } else {
+            Self::Addr(tw)
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TwEnter {
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub key: TwKey,
+    pub conn: Endpoints,
+    /// The task that closed first, when its close() was seen.
+    pub closer: Option<Process>,
+    pub role: Role,
+    pub close: CloseKind,
+    pub substate: Substate,
+    pub timeout_jiffies: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TwResched {
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub key: TwKey,
+    pub substate: Substate,
+    pub timeout_jiffies: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TwEnd {
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub key: TwKey,
+    pub end: EndReason,
+    pub substate: Substate,
+    /// For `Reused`: the task whose connect() took the 4-tuple.
+    pub by: Option<Process>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoTimeWait {
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub cookie: u64,
+    pub conn: Endpoints,
+    pub closer: Option<Process>,
+    pub role: Role,
+    pub close: CloseKind,
+    pub reason: NoTwReason,
+    /// TCP state left for CLOSE.
+    pub oldstate: u8,
+}
+
+/// A TIME_WAIT found by the start-up scan (sock_diag).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TwExisting {
+    pub netns: u32,
+    pub family: Family,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+    pub cookie: u64,
+    pub substate: Substate,
+    /// Time left on its timer when scanned.
+    pub remaining_ms: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    TwEnter(TwEnter),
+    TwResched(TwResched),
+    TwEnd(TwEnd),
+    NoTimeWait(NoTimeWait),
+    /// Pre-existing TIME_WAITs, as of `ts_ns`.
+    TwExisting { ts_ns: u64, sockets: Vec<TwExisting> },
+}
+
+impl Event {
+    pub fn ts_ns(&self) -> u64 {
+        match self {
+            Event::TwEnter(e) => e.ts_ns,
+            Event::TwResched(e) => e.ts_ns,
+            Event::TwEnd(e) => e.ts_ns,
+            Event::NoTimeWait(e) => e.ts_ns,
+            Event::TwExisting { ts_ns, .. } => *ts_ns,
+        }
+    }
+}

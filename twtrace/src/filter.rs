@@ -1,0 +1,127 @@
+//! The user's filters: compiled into the kernel's `Filter`, and applied in userspace to what
+//! the kernel cannot filter (TIME_WAITs found by the start-up scan).
+
+use twtrace_ebpf::{AF_INET, AF_INET6, COMM_LEN, Filter, MAX_PORT_FILTERS};
+
+use crate::event::{Endpoints, Family};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filters {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub lports: Vec<u16>,
+    pub rports: Vec<u16>,
+    pub family: Option<Family>,
+    pub netns: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FilterError {
+    #[error("at most {MAX_PORT_FILTERS} local and {MAX_PORT_FILTERS} remote ports can be filtered")]
+    TooManyPorts,
+    #[error("--comm {0:?} is longer than the kernel's {max} bytes", max = COMM_LEN - 1)]
+    CommTooLong(String),
+}
+
+impl Filters {
+    pub fn to_kernel(&self) -> Result<Filter, FilterError> {
+        if self.lports.len() > MAX_PORT_FILTERS || self.rports.len() > MAX_PORT_FILTERS {
+            return Err(FilterError::TooManyPorts);
+        }
+        let mut f = Filter {
+            pid: self.pid.unwrap_or(0),
+            netns: self.netns.unwrap_or(0),
+            family: match self.family {
+                Some(Family::Ipv4) => AF_INET,
+                Some(Family::Ipv6) => AF_INET6,
+                None => 0,
+            },
+            n_lports: self.lports.len() as u8,
+            n_rports: self.rports.len() as u8,
+            ..Filter::default()
+        };
+        f.lports[..self.lports.len()].copy_from_slice(&self.lports);
+        f.rports[..self.rports.len()].copy_from_slice(&self.rports);
+        if let Some(c) = &self.comm {
+            if c.len() >= COMM_LEN {
+                return Err(FilterError::CommTooLong(c.clone()));
+            }
+            f.comm[..c.len()].copy_from_slice(c.as_bytes());
+            f.comm_len = c.len() as u32;
+        }
+        Ok(f)
+    }
+
+    /// Whether any filter needs to know who closed (which a pre-existing TIME_WAIT cannot say).
+    pub fn on_process(&self) -> bool {
+        self.pid.is_some() || self.comm.is_some()
+    }
+
+    /// The filters on a connection's identity.
+    pub fn matches_conn(&self, c: &Endpoints) -> bool {
+        self.netns.is_none_or(|n| n == c.netns)
+            && self.family.is_none_or(|f| f == c.family)
+            && (self.lports.is_empty() || self.lports.contains(&c.lport))
+            && (self.rports.is_empty() || self.rports.contains(&c.rport))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+
+    #[test]
+    fn compiles_to_kernel_filter() {
+        let f = Filters {
+            pid: Some(5),
+            comm: Some("nginx".into()),
+            lports: vec![80, 443],
+            rports: vec![],
+            family: Some(Family::Ipv6),
+            netns: Some(9),
+        }
+        .to_kernel()
+        .unwrap();
+        assert_eq!((f.pid, f.netns, f.family), (5, 9, AF_INET6));
+        assert_eq!((f.n_lports, f.lports[1]), (2, 443));
+        assert_eq!(f.comm_len, 5);
+        assert_eq!(&f.comm[..6], b"nginx\0");
+    }
+
+    #[test]
+    fn rejects_what_the_kernel_cannot_hold() {
+        let many = Filters {
+            lports: (1..=9).collect(),
+            ..Default::default()
+        };
+        assert_eq!(many.to_kernel(), Err(FilterError::TooManyPorts));
+        let long = Filters {
+            comm: Some("a-very-long-command".into()),
+            ..Default::default()
+        };
+        assert!(matches!(long.to_kernel(), Err(FilterError::CommTooLong(_))));
+    }
+
+    #[test]
+    fn matches_connections() {
+        let c = Endpoints {
+            netns: 1,
+            family: Family::Ipv4,
+            laddr: IpAddr::from([127, 0, 0, 1]),
+            lport: 80,
+            raddr: IpAddr::from([127, 0, 0, 1]),
+            rport: 5000,
+        };
+        let mut f = Filters::default();
+        assert!(f.matches_conn(&c));
+        f.lports = vec![80];
+        assert!(f.matches_conn(&c));
+        f.rports = vec![1];
+        assert!(!f.matches_conn(&c));
+        f.rports.clear();
+        f.family = Some(Family::Ipv6);
+        assert!(!f.matches_conn(&c));
+    }
+}

@@ -1,0 +1,192 @@
+//! TIME_WAIT sockets that exist before twtrace starts, read with sock_diag (the netlink
+//! interface `ss` uses) in every network namespace.
+//!
+//! Asking sock_diag for a socket's cookie makes the kernel assign one and store it in the
+//! TIME_WAIT socket, so the timer events that later end it carry the same cookie.
+
+use std::{io, mem, net::IpAddr, path::Path};
+
+use super::netns;
+use crate::event::{Family, Substate, TwExisting};
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const TCP_TIME_WAIT: u8 = 6;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct NlMsgHdr {
+    len: u32,
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct SockId {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    src: [u8; 16],
+    dst: [u8; 16],
+    ifindex: u32,
+    cookie: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct DiagReq {
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    id: SockId,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct DiagMsg {
+    family: u8,
+    state: u8,
+    timer: u8,
+    retrans: u8,
+    id: SockId,
+    expires: u32,
+    rqueue: u32,
+    wqueue: u32,
+    uid: u32,
+    inode: u32,
+}
+
+/// The TIME_WAIT sockets of the namespace at `path`.
+pub fn in_netns(path: &Path, netns: u32) -> io::Result<Vec<TwExisting>> {
+    netns::run_in(path, move || {
+        let mut out = dump(libc::AF_INET as u8, netns)?;
+        out.extend(dump(libc::AF_INET6 as u8, netns)?);
+        Ok(out)
+    })
+}
+
+/// The TIME_WAIT sockets of every namespace twtrace can reach (optionally only one).
+pub fn snapshot(only: Option<u32>) -> Vec<TwExisting> {
+    netns::enumerate()
+        .into_iter()
+        .filter(|n| only.is_none_or(|o| o == n.inode))
+        .flat_map(|n| match in_netns(&n.path, n.inode) {
+            Ok(v) => v,
+            Err(e) => {
+                log::warn!("cannot list TIME_WAIT sockets in netns {}: {e}", n.inode);
+                Vec::new()
+            }
+        })
+        .collect()
+}
+
+fn as_bytes<T>(v: &T) -> &[u8] {
+    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, mem::size_of::<T>()) }
+}
+
+fn dump(family: u8, netns: u32) -> io::Result<Vec<TwExisting>> {
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Req {
+        hdr: NlMsgHdr,
+        req: DiagReq,
+    }
+    let req = Req {
+        hdr: NlMsgHdr {
+            len: mem::size_of::<Req>() as u32,
+            ty: SOCK_DIAG_BY_FAMILY,
+            flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+            seq: 1,
+            pid: 0,
+        },
+        req: DiagReq {
+            family,
+            protocol: libc::IPPROTO_TCP as u8,
+            states: 1 << TCP_TIME_WAIT,
+            ..Default::default()
+        },
+    };
+    let b = as_bytes(&req);
+    if unsafe { libc::send(sock.as_raw_fd(), b.as_ptr().cast(), b.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if parse(&buf[..n as usize], netns, &mut out)? {
+            return Ok(out);
+        }
+    }
+}
+
+/// Parses one datagram of replies; true when the dump is complete.
+fn parse(mut data: &[u8], netns: u32, out: &mut Vec<TwExisting>) -> io::Result<bool> {
+    let hdr_len = mem::size_of::<NlMsgHdr>();
+    while data.len() >= hdr_len {
+        let hdr: NlMsgHdr = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
+        let len = hdr.len as usize;
+        if len < hdr_len || len > data.len() {
+            return Err(io::Error::other("truncated sock_diag reply"));
+        }
+        match hdr.ty {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let errno = data
+                    .get(hdr_len..hdr_len + 4)
+                    .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(0);
+                return Err(io::Error::from_raw_os_error(-errno));
+            }
+            SOCK_DIAG_BY_FAMILY if len >= hdr_len + mem::size_of::<DiagMsg>() => {
+                let m: DiagMsg = unsafe { std::ptr::read_unaligned(data[hdr_len..].as_ptr().cast()) };
+                if let Some(e) = to_existing(&m, netns) {
+                    out.push(e);
+                }
+            }
+            _ => {}
+        }
+        data = &data[(len + 3) & !3..];
+    }
+    Ok(false)
+}
+
+fn to_existing(m: &DiagMsg, netns: u32) -> Option<TwExisting> {
+    let (family, laddr, raddr) = if m.family == libc::AF_INET as u8 {
+        let s: [u8; 4] = m.id.src[..4].try_into().ok()?;
+        let d: [u8; 4] = m.id.dst[..4].try_into().ok()?;
+        (Family::Ipv4, IpAddr::from(s), IpAddr::from(d))
+    } else {
+        (Family::Ipv6, IpAddr::from(m.id.src), IpAddr::from(m.id.dst))
+    };
+    Some(TwExisting {
+        netns,
+        family,
+        laddr,
+        lport: u16::from_be_bytes(m.id.sport),
+        raddr,
+        rport: u16::from_be_bytes(m.id.dport),
+        cookie: (m.id.cookie[1] as u64) << 32 | m.id.cookie[0] as u64,
+        substate: Substate::from_tcp_state(m.state),
+        remaining_ms: m.expires,
+    })
+}

@@ -1,0 +1,40 @@
+//! Everything that talks to the running kernel.
+
+pub mod btf;
+pub mod existing;
+pub mod kallsyms;
+pub mod netns;
+pub mod tracer;
+
+use std::{fs, io::Read as _};
+
+/// The kernel's CONFIG_HZ (timer lengths are counted in jiffies), from /proc/config.gz or
+/// /boot/config-$(uname -r). `None` when neither says.
+pub fn config_hz() -> Option<u32> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let text = fs::File::open("/proc/config.gz")
+        .ok()
+        .and_then(|f| {
+            let mut s = String::new();
+            flate2::read::GzDecoder::new(f).read_to_string(&mut s).ok()?;
+            Some(s)
+        })
+        .or_else(|| fs::read_to_string(format!("/boot/config-{}", release.trim())).ok())?;
+    parse_hz(&text)
+}
+
+fn parse_hz(config: &str) -> Option<u32> {
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("CONFIG_HZ="))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_hz() {
+        assert_eq!(super::parse_hz("CONFIG_HZ_250=y\nCONFIG_HZ=250\n"), Some(250));
+        assert_eq!(super::parse_hz("# nothing\n"), None);
+    }
+}

@@ -1,0 +1,114 @@
+//! Network namespaces: naming them, finding them all, and running code inside one.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error(
+        "no network namespace {0:?}: give an inode number (see `ls -L -i /proc/PID/ns/net`), a name from `ip netns list`, or a path"
+    )]
+    NotFound(String),
+}
+
+/// A network namespace and a path that opens it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Netns {
+    pub inode: u32,
+    pub path: PathBuf,
+}
+
+fn inode_of(path: &Path) -> Option<u32> {
+    fs::metadata(path).ok().map(|m| m.ino() as u32)
+}
+
+/// Inode of the namespace twtrace itself runs in.
+pub fn own() -> Option<u32> {
+    inode_of(Path::new("/proc/self/ns/net"))
+}
+
+/// Resolves `--netns`: an inode number, a name under /run/netns, or a path to an nsfs file.
+pub fn resolve(spec: &str) -> Result<u32, NetnsError> {
+    if let Ok(n) = spec.parse::<u32>() {
+        return Ok(n);
+    }
+    let named = Path::new("/run/netns").join(spec);
+    [named.as_path(), Path::new(spec)]
+        .into_iter()
+        .find_map(inode_of)
+        .ok_or_else(|| NetnsError::NotFound(spec.to_string()))
+}
+
+/// Every network namespace reachable now: the named ones (`ip netns`) and those of running
+/// processes. A namespace held only by a socket or a bind mount elsewhere is not found.
+pub fn enumerate() -> Vec<Netns> {
+    let mut found: BTreeMap<u32, PathBuf> = BTreeMap::new();
+    let mut add = |path: PathBuf| {
+        if let Some(ino) = inode_of(&path) {
+            found.entry(ino).or_insert(path);
+        }
+    };
+    for dir in ["/run/netns", "/var/run/netns"] {
+        if let Ok(rd) = fs::read_dir(dir) {
+            rd.flatten().for_each(|e| add(e.path()));
+        }
+    }
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                add(e.path().join("ns/net"));
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|(inode, path)| Netns { inode, path })
+        .collect()
+}
+
+/// Runs `f` on a thread that has joined the namespace at `path`; the caller's is untouched.
+pub fn run_in<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    let file = fs::File::open(path)?;
+    std::thread::spawn(move || {
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| io::Error::other("netns worker panicked"))?
+}
+
+/// Reads a sysctl as seen from the namespace at `path` (e.g. "net/ipv4/tcp_tw_reuse").
+pub fn sysctl_in(path: &Path, key: &str) -> io::Result<String> {
+    let key = format!("/proc/sys/{key}");
+    run_in(path, move || Ok(fs::read_to_string(key)?.trim().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_numbers_and_rejects_unknown_names() {
+        assert_eq!(resolve("4026531840").unwrap(), 4026531840);
+        assert!(matches!(
+            resolve("twtrace-no-such-netns"),
+            Err(NetnsError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn own_namespace_is_enumerated() {
+        let Some(me) = own() else { return };
+        assert!(enumerate().iter().any(|n| n.inode == me));
+    }
+}

@@ -1,0 +1,263 @@
+//! Loads and attaches the kernel programs, and reads what they could not deliver.
+
+use std::{
+    mem,
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, ProgramError},
+};
+use twtrace_ebpf::{Config, Filter, counter};
+
+use super::{
+    btf::{BtfError, KernelBtf},
+    kallsyms::{self, KallsymsError},
+};
+
+/// The kernel programs, built by build.rs from twtrace-ebpf.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace"));
+
+/// Tracepoints attached, as (program name, tracepoint).
+const HOOKS: &[(&str, &str)] = &[
+    ("inet_sock_set_state", "inet_sock_set_state"),
+    ("tcp_send_reset", "tcp_send_reset"),
+    ("tcp_receive_reset", "tcp_receive_reset"),
+    ("timer_start", "timer_start"),
+    ("timer_cancel", "timer_cancel"),
+    ("timer_expire_entry", "timer_expire_entry"),
+];
+
+pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TracerError {
+    #[error(
+        "twtrace needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) to load eBPF programs: run it with sudo"
+    )]
+    NotPrivileged,
+    #[error(
+        "this kernel has no BTF ({BTF_PATH} is missing): twtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (Linux 5.8 or later)"
+    )]
+    NoBtf,
+    #[error("{0}")]
+    Btf(#[from] BtfError),
+    #[error("{0}")]
+    Kallsyms(#[from] KallsymsError),
+    #[error("loading twtrace's eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error(
+        "the kernel refused BTF tracepoint {hook}: {source}. twtrace needs tp_btf programs (Linux 5.5+, CONFIG_BPF_EVENTS); run `twtrace check` for details"
+    )]
+    Attach {
+        hook: &'static str,
+        source: ProgramError,
+    },
+    #[error("eBPF object has no {0}: the build is broken")]
+    Missing(&'static str),
+    #[error("reading eBPF map {0}: {1}")]
+    Map(&'static str, aya::maps::MapError),
+}
+
+/// What to trace and how.
+#[derive(Clone, Debug, Default)]
+pub struct TracerOptions {
+    pub filter: Filter,
+    /// Emit kernel-side diagnostics through aya-log.
+    pub verbose: bool,
+    /// Ring buffer size in bytes (a power of two, at least a page).
+    pub ring_bytes: Option<u32>,
+}
+
+/// Events the kernel side could not deliver, and program runs the kernel skipped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Loss {
+    /// Events dropped because the ring buffer was full.
+    pub ringbuf_full: u64,
+    /// Connections not remembered (map update failed): their closer is unknown.
+    pub conn_map_fail: u64,
+    /// Kernel memory reads that failed.
+    pub read_fail: u64,
+    /// Program runs skipped by the kernel because another BPF program was running on the CPU.
+    pub recursion_misses: u64,
+}
+
+impl Loss {
+    pub fn is_zero(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Checks what can be checked before touching the kernel, so a user error is one clear line.
+pub fn preflight() -> Result<(), TracerError> {
+    if !privileged() {
+        return Err(TracerError::NotPrivileged);
+    }
+    if !Path::new(BTF_PATH).exists() {
+        return Err(TracerError::NoBtf);
+    }
+    Ok(())
+}
+
+/// Root, or the capabilities loading tracing programs and reading kernel pointers need.
+fn privileged() -> bool {
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    [CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF]
+        .iter()
+        .all(|c| cap_eff & (1 << c) != 0)
+}
+
+/// Resolves everything the programs need from the running kernel.
+pub fn kernel_config(opts: &TracerOptions) -> Result<Config, TracerError> {
+    let btf = KernelBtf::load(Path::new(BTF_PATH))?;
+    let syms = kallsyms::lookup(&["tw_timer_handler", "reqsk_timer_handler"])?;
+    Ok(Config {
+        tw_timer_handler: syms["tw_timer_handler"],
+        reqsk_timer_handler: syms["reqsk_timer_handler"],
+        off: btf.offsets()?,
+        filter: opts.filter,
+        self_pid: std::process::id(),
+        verbose: opts.verbose as u32,
+    })
+}
+
+pub struct Tracer {
+    ebpf: Ebpf,
+    counters: PerCpuArray<MapData, u64>,
+    _logger: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Tracer {
+    /// Loads the programs with this kernel's offsets and attaches them. Returns the tracer and
+    /// the ring buffer its events arrive on.
+    pub fn start(opts: &TracerOptions) -> Result<(Self, RingBuf<MapData>), TracerError> {
+        preflight()?;
+        let config = kernel_config(opts)?;
+        let btf = Btf::from_sys_fs().map_err(|_| TracerError::NoBtf)?;
+        let mut loader = EbpfLoader::new();
+        loader.btf(Some(&btf)).override_global("CONFIG", &config, true);
+        if let Some(bytes) = opts.ring_bytes {
+            loader.map_max_entries("EVENTS", bytes);
+        }
+        let mut ebpf = loader.load(PROGRAMS)?;
+        let logger = if opts.verbose {
+            start_logger(&mut ebpf)
+        } else {
+            None
+        };
+        for &(name, tp) in HOOKS {
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or(TracerError::Missing(name))?
+                .try_into()
+                .map_err(|source| TracerError::Attach { hook: tp, source })?;
+            prog.load(tp, &btf)
+                .map_err(|source| TracerError::Attach { hook: tp, source })?;
+            prog.attach()
+                .map_err(|source| TracerError::Attach { hook: tp, source })?;
+        }
+        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(TracerError::Missing("EVENTS"))?)
+            .map_err(|e| TracerError::Map("EVENTS", e))?;
+        let counters =
+            PerCpuArray::try_from(ebpf.take_map("COUNTERS").ok_or(TracerError::Missing("COUNTERS"))?)
+                .map_err(|e| TracerError::Map("COUNTERS", e))?;
+        Ok((
+            Self {
+                ebpf,
+                counters,
+                _logger: logger,
+            },
+            ring,
+        ))
+    }
+
+    /// Reads the loss counters (cheap: a few syscalls).
+    pub fn loss(&self) -> Loss {
+        let sum = |idx: u32| -> u64 {
+            self.counters
+                .get(&idx, 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0)
+        };
+        let recursion_misses = self
+            .ebpf
+            .programs()
+            .filter_map(|(_, p)| p.fd().ok())
+            .map(|fd| recursion_misses(fd.as_fd().as_raw_fd()))
+            .sum();
+        Loss {
+            ringbuf_full: sum(counter::RINGBUF_FULL),
+            conn_map_fail: sum(counter::CONN_MAP_FAIL),
+            read_fail: sum(counter::READ_FAIL),
+            recursion_misses,
+        }
+    }
+}
+
+/// `bpf_prog_info.recursion_misses`, which aya does not expose.
+fn recursion_misses(fd: i32) -> u64 {
+    use aya_obj::generated::bpf_prog_info;
+    let mut info: bpf_prog_info = unsafe { mem::zeroed() };
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoAttr {
+        bpf_fd: fd as u32,
+        info_len: mem::size_of::<bpf_prog_info>() as u32,
+        info: &mut info as *mut _ as u64,
+    };
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoAttr,
+            mem::size_of::<InfoAttr>(),
+        )
+    };
+    if rc < 0 { 0 } else { info.recursion_misses }
+}
+
+/// Forwards aya-log records from the kernel programs to the `log` crate.
+fn start_logger(ebpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            log::warn!("kernel-side logging unavailable: {e}");
+            return None;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer's fd, open and unchanged until it is dropped.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .ok()?;
+    Some(tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}

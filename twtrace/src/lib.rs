@@ -1,0 +1,15 @@
+//! twtrace explains TCP TIME_WAIT: which process closed first, how long each TIME_WAIT lived,
+//! how it ended, and what TIME_WAIT costs.
+//!
+//! The pipeline: kernel programs (twtrace-ebpf) -> fixed-size records in a ring buffer ->
+//! [`decode`] -> [`aggregate::Aggregator`] -> views ([`output`]).
+
+pub mod aggregate;
+pub mod cgroup;
+pub mod cli;
+pub mod decode;
+pub mod event;
+pub mod filter;
+pub mod kernel;
+pub mod output;
+pub mod source;

@@ -1,0 +1,233 @@
+//! NDJSON: one object per finished TIME_WAIT or TIME_WAIT-less close. The fields are documented
+//! in the README; names are stable.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use super::{TimeBase, tcp_state_name};
+use crate::{
+    aggregate::Record,
+    cgroup::CgroupNames,
+    event::{CloseKind, EndReason, Endpoints, Family, NoTwReason, Process, Role, Substate},
+};
+
+#[derive(Serialize)]
+struct Identity<'a> {
+    /// RFC 3339: when the TIME_WAIT entered, or when the close happened.
+    ts: String,
+    netns: u32,
+    family: Family,
+    laddr: IpAddr,
+    lport: u16,
+    raddr: IpAddr,
+    rport: u16,
+    pid: Option<u32>,
+    tid: Option<u32>,
+    comm: Option<&'a str>,
+    uid: Option<u32>,
+    cgroup: Option<String>,
+    cgroup_id: Option<u64>,
+    role: Role,
+    close: CloseKind,
+}
+
+#[derive(Serialize)]
+struct TimeWaitJson<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    #[serde(flatten)]
+    id: Identity<'a>,
+    substate: Substate,
+    lifetime_ms: f64,
+    end: EndReason,
+    ended: String,
+    reused_by_pid: Option<u32>,
+    reused_by_comm: Option<&'a str>,
+    rescheduled: u32,
+    preexisting: bool,
+}
+
+#[derive(Serialize)]
+struct NoTimeWaitJson<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    #[serde(flatten)]
+    id: Identity<'a>,
+    reason: NoTwReason,
+    oldstate: &'static str,
+}
+
+fn identity<'a>(
+    ts_ns: u64,
+    conn: &Endpoints,
+    closer: Option<&'a Process>,
+    role: Role,
+    close: CloseKind,
+    tb: &TimeBase,
+    cgroups: &mut CgroupNames,
+) -> Identity<'a> {
+    Identity {
+        ts: tb.utc(ts_ns).to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        netns: conn.netns,
+        family: conn.family,
+        laddr: conn.laddr,
+        lport: conn.lport,
+        raddr: conn.raddr,
+        rport: conn.rport,
+        pid: closer.map(|p| p.pid),
+        tid: closer.map(|p| p.tid),
+        comm: closer.map(|p| p.comm.as_str()),
+        uid: closer.map(|p| p.uid),
+        cgroup: closer.and_then(|p| cgroups.path(p.cgroup_id).map(str::to_string)),
+        cgroup_id: closer.map(|p| p.cgroup_id).filter(|&id| id != 0),
+        role,
+        close,
+    }
+}
+
+/// One NDJSON line (without the newline).
+pub fn line(rec: &Record, tb: &TimeBase, cgroups: &mut CgroupNames) -> String {
+    let v = match rec {
+        Record::TimeWait(r) => serde_json::to_string(&TimeWaitJson {
+            ty: "time_wait",
+            id: identity(
+                r.tw.entered_ns,
+                &r.tw.conn,
+                r.tw.closer.as_ref(),
+                r.tw.role,
+                r.tw.close,
+                tb,
+                cgroups,
+            ),
+            substate: r.tw.substate,
+            lifetime_ms: (r.lifetime_ns() as f64 / 1e6 * 1000.0).round() / 1000.0,
+            end: r.end,
+            ended: tb
+                .utc(r.ended_ns)
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            reused_by_pid: r.reused_by.as_ref().map(|p| p.pid),
+            reused_by_comm: r.reused_by.as_ref().map(|p| p.comm.as_str()),
+            rescheduled: r.tw.rescheduled,
+            preexisting: r.tw.preexisting,
+        }),
+        Record::NoTimeWait(n) => serde_json::to_string(&NoTimeWaitJson {
+            ty: "no_time_wait",
+            id: identity(
+                n.ts_ns,
+                &n.conn,
+                n.closer.as_ref(),
+                n.role,
+                n.close,
+                tb,
+                cgroups,
+            ),
+            reason: n.reason,
+            oldstate: tcp_state_name(n.oldstate),
+        }),
+    };
+    v.expect("records serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::{
+        aggregate::{AliveTw, TimeWaitRecord},
+        event::{NoTimeWait, TwKey},
+    };
+
+    fn conn() -> Endpoints {
+        Endpoints {
+            netns: 4026532000,
+            family: Family::Ipv4,
+            laddr: IpAddr::from([127, 0, 0, 1]),
+            lport: 40000,
+            raddr: IpAddr::from([127, 0, 0, 2]),
+            rport: 80,
+        }
+    }
+
+    fn who(pid: u32, comm: &str) -> Process {
+        Process {
+            pid,
+            tid: pid,
+            uid: 1000,
+            comm: comm.into(),
+            cgroup_id: 0,
+        }
+    }
+
+    #[test]
+    fn time_wait_object_has_the_documented_fields() {
+        let rec = Record::TimeWait(TimeWaitRecord {
+            tw: AliveTw {
+                key: TwKey::Cookie(1),
+                conn: conn(),
+                closer: Some(who(42, "curl")),
+                role: Role::Client,
+                close: CloseKind::Active,
+                substate: Substate::TimeWait,
+                entered_ns: 1_000_000_000,
+                armed_ns: 1_000_000_000,
+                timeout_ns: 60_000_000_000,
+                rescheduled: 1,
+                preexisting: false,
+            },
+            ended_ns: 3_500_000_000,
+            end: EndReason::Reused,
+            reused_by: Some(who(43, "wget")),
+        });
+        let tb = TimeBase::with_offset_ns(1_700_000_000_000_000_000);
+        let v: serde_json::Value =
+            serde_json::from_str(&line(&rec, &tb, &mut CgroupNames::default())).unwrap();
+        assert_eq!(v["type"], "time_wait");
+        assert_eq!(v["ts"], "2023-11-14T22:13:21.000000Z");
+        assert_eq!(v["netns"], 4026532000u32);
+        assert_eq!(v["family"], "ipv4");
+        assert_eq!(v["laddr"], "127.0.0.1");
+        assert_eq!(v["lport"], 40000);
+        assert_eq!(v["raddr"], "127.0.0.2");
+        assert_eq!(v["rport"], 80);
+        assert_eq!(v["pid"], 42);
+        assert_eq!(v["comm"], "curl");
+        assert_eq!(v["uid"], 1000);
+        assert!(v["cgroup"].is_null());
+        assert_eq!(v["role"], "client");
+        assert_eq!(v["close"], "active");
+        assert_eq!(v["substate"], "time_wait");
+        assert_eq!(v["lifetime_ms"], 2500.0);
+        assert_eq!(v["end"], "reused");
+        assert_eq!(v["reused_by_pid"], 43);
+        assert_eq!(v["reused_by_comm"], "wget");
+        assert_eq!(v["rescheduled"], 1);
+    }
+
+    #[test]
+    fn no_time_wait_object() {
+        let rec = Record::NoTimeWait(NoTimeWait {
+            ts_ns: 0,
+            cpu: 0,
+            cookie: 1,
+            conn: conn(),
+            closer: None,
+            role: Role::Unknown,
+            close: CloseKind::Unknown,
+            reason: NoTwReason::Overflow,
+            oldstate: 5,
+        });
+        let v: serde_json::Value = serde_json::from_str(&line(
+            &rec,
+            &TimeBase::with_offset_ns(0),
+            &mut CgroupNames::default(),
+        ))
+        .unwrap();
+        assert_eq!(v["type"], "no_time_wait");
+        assert_eq!(v["reason"], "overflow");
+        assert_eq!(v["oldstate"], "fin_wait2");
+        assert!(v["pid"].is_null());
+        assert_eq!(v["role"], "unknown");
+    }
+}

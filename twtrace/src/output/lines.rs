@@ -1,0 +1,79 @@
+//! Columns for a person reading a terminal, one line per finished TIME_WAIT (like tcplife).
+
+use std::net::IpAddr;
+
+use super::TimeBase;
+use crate::{aggregate::Record, event::Role};
+
+pub const HEADER: &str = "TIME         PID     COMM             NETNS       ROLE   LADDR:LPORT                RADDR:RPORT                SUBST  LIFE(s)  END";
+
+fn endpoint(addr: IpAddr, port: u16) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+fn role(r: Role) -> &'static str {
+    match r {
+        Role::Client => "client",
+        Role::Server => "server",
+        Role::Unknown => "?",
+    }
+}
+
+/// One line; the TIME column is when the line's event happened (the end, or the close).
+pub fn line(rec: &Record, tb: &TimeBase) -> String {
+    let (ts, conn, closer, r, subst, life, end) = match rec {
+        Record::TimeWait(t) => {
+            let subst = match t.tw.substate {
+                crate::event::Substate::TimeWait => "TW",
+                crate::event::Substate::FinWait2 => "FW2",
+            };
+            let mut end = t.end.as_str().to_string();
+            if let Some(p) = &t.reused_by {
+                end.push_str(&format!(" by {} {}", p.pid, p.comm));
+            }
+            if t.tw.preexisting {
+                end.push_str(" (pre-existing)");
+            }
+            if t.tw.rescheduled > 0 {
+                end.push_str(&format!(" resched={}", t.tw.rescheduled));
+            }
+            (
+                t.ended_ns,
+                &t.tw.conn,
+                t.tw.closer.as_ref(),
+                t.tw.role,
+                subst,
+                format!("{:.3}", t.lifetime_ns() as f64 / 1e9),
+                end,
+            )
+        }
+        Record::NoTimeWait(n) => (
+            n.ts_ns,
+            &n.conn,
+            n.closer.as_ref(),
+            n.role,
+            "-",
+            "-".to_string(),
+            format!("NO TIME_WAIT: {}", n.reason.as_str()),
+        ),
+    };
+    let (pid, comm) = closer
+        .map(|p| (p.pid.to_string(), p.comm.as_str()))
+        .unwrap_or(("-".into(), "?"));
+    format!(
+        "{:<12} {:<7} {:<16} {:<11} {:<6} {:<26} {:<26} {:<6} {:>7}  {}",
+        tb.local(ts).format("%H:%M:%S%.3f"),
+        pid,
+        comm,
+        conn.netns,
+        role(r),
+        endpoint(conn.laddr, conn.lport),
+        endpoint(conn.raddr, conn.rport),
+        subst,
+        life,
+        end
+    )
+}

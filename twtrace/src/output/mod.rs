@@ -1,0 +1,64 @@
+//! Views that stream the aggregator's records: columns for people, NDJSON for programs.
+
+pub mod json;
+pub mod lines;
+
+use chrono::{DateTime, Local, TimeZone as _, Utc};
+
+/// Converts kernel CLOCK_MONOTONIC stamps to wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct TimeBase {
+    /// CLOCK_REALTIME - CLOCK_MONOTONIC, in nanoseconds, measured once at start.
+    offset_ns: i128,
+}
+
+impl TimeBase {
+    pub fn now() -> Self {
+        let read = |clock| {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            unsafe { libc::clock_gettime(clock, &mut ts) };
+            ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+        };
+        let mono = read(libc::CLOCK_MONOTONIC);
+        let real = read(libc::CLOCK_REALTIME);
+        Self {
+            offset_ns: real - mono,
+        }
+    }
+
+    /// For tests and recordings: a fixed offset.
+    pub fn with_offset_ns(offset_ns: i128) -> Self {
+        Self { offset_ns }
+    }
+
+    pub fn utc(&self, mono_ns: u64) -> DateTime<Utc> {
+        let ns = mono_ns as i128 + self.offset_ns;
+        Utc.timestamp_nanos(ns.clamp(0, i64::MAX as i128) as i64)
+    }
+
+    pub fn local(&self, mono_ns: u64) -> DateTime<Local> {
+        self.utc(mono_ns).with_timezone(&Local)
+    }
+}
+
+/// TCP state names, for the state a TIME_WAIT-less close left.
+pub fn tcp_state_name(s: u8) -> &'static str {
+    use twtrace_ebpf::tcp_state::*;
+    match s {
+        ESTABLISHED => "established",
+        SYN_SENT => "syn_sent",
+        SYN_RECV => "syn_recv",
+        FIN_WAIT1 => "fin_wait1",
+        FIN_WAIT2 => "fin_wait2",
+        TIME_WAIT => "time_wait",
+        CLOSE => "close",
+        CLOSE_WAIT => "close_wait",
+        LAST_ACK => "last_ack",
+        LISTEN => "listen",
+        CLOSING => "closing",
+        _ => "unknown",
+    }
+}

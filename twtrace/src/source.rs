@@ -1,0 +1,133 @@
+//! Live events: the kernel programs' ring buffer, plus the start-up scan of TIME_WAITs that
+//! already existed, as one stream of [`Event`]s for the aggregator.
+
+use std::io;
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{io::unix::AsyncFd, task::JoinHandle};
+
+use crate::{
+    decode::decode,
+    event::{Event, TwExisting},
+    filter::Filters,
+    kernel::{
+        existing,
+        tracer::{Loss, Tracer, TracerError, TracerOptions},
+    },
+};
+
+pub struct LiveSource {
+    tracer: Tracer,
+    ring: AsyncFd<RingBuf<MapData>>,
+    scan: Option<JoinHandle<Vec<TwExisting>>>,
+    filters: Filters,
+    decode_errors: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Tracer(#[from] TracerError),
+    #[error("filters: {0}")]
+    Filter(#[from] crate::filter::FilterError),
+    #[error("ring buffer: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl LiveSource {
+    /// Attaches the kernel programs, then starts the scan for existing TIME_WAITs (after
+    /// attaching, so none falls between the two).
+    pub fn start(
+        filters: &Filters,
+        verbose: bool,
+        ring_bytes: u32,
+        scan_existing: bool,
+    ) -> Result<Self, SourceError> {
+        let opts = TracerOptions {
+            filter: filters.to_kernel()?,
+            verbose,
+            ring_bytes: Some(ring_bytes),
+        };
+        let (tracer, ring) = Tracer::start(&opts)?;
+        // SAFETY: the RingBuf owns its map's fd, open and unchanged until it is dropped.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        let scan = scan_existing.then(|| {
+            let only = filters.netns;
+            tokio::task::spawn_blocking(move || existing::snapshot(only))
+        });
+        Ok(Self {
+            tracer,
+            ring,
+            scan,
+            filters: filters.clone(),
+            decode_errors: 0,
+        })
+    }
+
+    /// Waits until there is something to read, then appends every available event to `out`.
+    pub async fn read(&mut self, out: &mut Vec<Event>) -> io::Result<()> {
+        let scan_done = async {
+            match self.scan.as_mut() {
+                Some(h) => Some(h.await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            guard = self.ring.readable_mut() => {
+                let mut guard = guard?;
+                Self::drain_ring(guard.get_inner_mut(), out, &mut self.decode_errors);
+                guard.clear_ready();
+            }
+            scanned = scan_done => {
+                self.scan = None;
+                let ts_ns = crate::aggregate::Clock::now_ns(&crate::aggregate::MonotonicClock);
+                if let Some(Ok(sockets)) = scanned {
+                    // Who closed a pre-existing TIME_WAIT is unknown, so process filters
+                    // exclude them all.
+                    let sockets: Vec<TwExisting> = if self.filters.on_process() {
+                        Vec::new()
+                    } else {
+                        sockets.into_iter().filter(|s| self.filters.matches_conn(&crate::event::Endpoints {
+                            netns: s.netns, family: s.family, laddr: s.laddr, lport: s.lport,
+                            raddr: s.raddr, rport: s.rport,
+                        })).collect()
+                    };
+                    out.push(Event::TwExisting { ts_ns, sockets });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends whatever the ring buffer holds now, without waiting.
+    pub fn drain(&mut self, out: &mut Vec<Event>) {
+        Self::drain_ring(self.ring.get_mut(), out, &mut self.decode_errors);
+    }
+
+    fn drain_ring(ring: &mut RingBuf<MapData>, out: &mut Vec<Event>, errors: &mut u64) {
+        while let Some(item) = ring.next() {
+            match decode(&item) {
+                Ok(e) => out.push(e),
+                Err(e) => {
+                    *errors += 1;
+                    log::debug!("undecodable record: {e}");
+                }
+            }
+        }
+    }
+
+    pub fn loss(&self) -> Loss {
+        self.tracer.loss()
+    }
+
+    /// Records the decoder rejected (a kernel/userspace mismatch; should stay 0).
+    pub fn decode_errors(&self) -> u64 {
+        self.decode_errors
+    }
+
+    /// Whether the start-up scan has been delivered.
+    pub fn scan_pending(&self) -> bool {
+        self.scan.is_some()
+    }
+}
