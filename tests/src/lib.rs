@@ -1,1 +1,278 @@
+//! Harness for root integration tests: throwaway network namespaces, the real `twtrace`
+//! binary, and the `twload` workloads. Nothing here sends traffic outside a test namespace.
 
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Root integration tests need root, iproute2 and BTF; without them they say why and pass.
+pub fn can_run() -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    let ip = Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+    if !(root && ip && btf) {
+        eprintln!("skipped: needs root ({root}), iproute2 ({ip}) and kernel BTF ({btf})");
+    }
+    root && ip && btf
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// A binary of this workspace: $VAR, else the release build of `name`.
+fn bin(var: &str, name: &str) -> PathBuf {
+    let p = std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/release").join(name));
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask test`, which builds it",
+        p.display()
+    );
+    p
+}
+
+/// The twtrace binary under test.
+pub fn twtrace_bin() -> PathBuf {
+    bin("TWTRACE_BIN", "twtrace")
+}
+
+fn twload_bin() -> String {
+    bin("TWLOAD_BIN", "twload").display().to_string()
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace made for one test, with loopback up; removed on drop.
+pub struct Netns {
+    pub name: String,
+    pub inode: u64,
+    deleted: bool,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = format!(
+            "twt-{}-{}-{}",
+            tag,
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        run("ip", &["netns", "add", &name]);
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        let inode = std::fs::metadata(format!("/run/netns/{name}"))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .expect("netns inode");
+        Self {
+            name,
+            inode,
+            deleted: false,
+        }
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ],
+        );
+    }
+
+    /// Runs a `twload` scenario inside the namespace; returns what it reported.
+    pub fn twload(&self, args: &[&str]) -> Value {
+        let bin = twload_bin();
+        let mut all = vec!["netns", "exec", &self.name, &bin];
+        all.extend_from_slice(args);
+        let out = run("ip", &all);
+        serde_json::from_str(out.lines().last().unwrap_or("{}")).expect("twload JSON")
+    }
+
+    /// Starts a `twload` scenario without waiting for it.
+    pub fn twload_spawn(&self, args: &[&str]) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, &twload_bin()])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn twload")
+    }
+
+    /// The namespace's TcpExt counters (/proc/net/netstat as seen inside it).
+    pub fn tcp_ext(&self) -> HashMap<String, u64> {
+        let text = run(
+            "ip",
+            &["netns", "exec", &self.name, "cat", "/proc/net/netstat"],
+        );
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+        let (names, values) = (lines[0], lines[1]);
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .skip(1)
+            .filter_map(|(n, v)| Some((n.to_string(), v.parse().ok()?)))
+            .collect()
+    }
+
+    /// Deletes the namespace now (its TIME_WAITs are purged).
+    pub fn delete(&mut self) {
+        if !self.deleted {
+            self.deleted = true;
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .status();
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.delete();
+    }
+}
+
+/// A running `twtrace trace --json`, collecting its records.
+pub struct Trace {
+    child: Child,
+    records: Arc<Mutex<Vec<Value>>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Trace {
+    /// Starts tracing one namespace and waits until the programs are attached.
+    pub fn start(netns: &Netns, extra: &[&str]) -> Self {
+        let mut child = Command::new(twtrace_bin())
+            .args(["trace", "--json", "--netns", &netns.name])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn twtrace");
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let out = child.stdout.take().unwrap();
+        let r = records.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}"));
+                r.lock().unwrap().push(v);
+            }
+        });
+        let err = child.stderr.take().unwrap();
+        let e = stderr.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut s = e.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let ready = Instant::now() + Duration::from_secs(30);
+        while !stderr.lock().unwrap().contains("tracing TIME_WAIT") {
+            if let Ok(Some(status)) = child.try_wait() {
+                thread::sleep(Duration::from_millis(100));
+                panic!("twtrace exited ({status}): {}", stderr.lock().unwrap());
+            }
+            assert!(
+                Instant::now() < ready,
+                "twtrace not ready: {}",
+                stderr.lock().unwrap()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            records,
+            stderr,
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn records(&self) -> Vec<Value> {
+        self.records.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds for the records so far; panics after `timeout`.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let until = Instant::now() + timeout;
+        loop {
+            let recs = self.records();
+            if pred(&recs) {
+                return recs;
+            }
+            assert!(
+                Instant::now() < until,
+                "timed out waiting for {what}; records: {recs:#?}; stderr: {}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops twtrace with SIGINT (as Ctrl-C would); returns all records, the last being the
+    /// summary.
+    pub fn stop(mut self) -> (Vec<Value>, String) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().expect("wait twtrace");
+        // Let the reader threads finish.
+        thread::sleep(Duration::from_millis(100));
+        assert!(
+            status.success(),
+            "twtrace failed: {status}: {}",
+            self.stderr()
+        );
+        (self.records(), self.stderr())
+    }
+}
+
+/// Records of one type whose local or remote port is `port`.
+pub fn with_port<'a>(recs: &'a [Value], ty: &str, port: u64) -> Vec<&'a Value> {
+    recs.iter()
+        .filter(|r| r["type"] == ty && (r["lport"] == port || r["rport"] == port))
+        .collect()
+}

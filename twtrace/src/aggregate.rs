@@ -240,7 +240,10 @@ impl<C: Clock> Aggregator<C> {
 
     fn existing(&mut self, ts_ns: u64, s: TwExisting, out: &mut Vec<Record>) {
         let key = TwKey::new(s.cookie, 0);
-        if s.cookie == 0 || self.alive.contains_key(&key) || self.recent_ends.contains_key(&s.cookie) {
+        if s.cookie == 0
+            || self.alive.contains_key(&key)
+            || self.recent_ends.contains_key(&s.cookie)
+        {
             return;
         }
         let remaining = u64::from(s.remaining_ms) * 1_000_000;
@@ -498,7 +501,10 @@ pub(crate) mod tests {
         );
         assert_eq!(a.alive_count(), 1);
         assert_eq!(a.totals().preexisting, 1);
-        a.ingest(end(TwKey::Cookie(77), 145 * S, EndReason::Expired), &mut out);
+        a.ingest(
+            end(TwKey::Cookie(77), 145 * S, EndReason::Expired),
+            &mut out,
+        );
         let r = only_tw(&out);
         assert!(r.tw.preexisting);
         // Entered 15 s before the scan (60 s - 45 s left), ended 45 s after it.
@@ -550,7 +556,11 @@ pub(crate) mod tests {
     fn closes_without_time_wait_are_counted_and_passed_on() {
         let (mut a, _) = agg();
         let mut out = vec![];
-        for reason in [NoTwReason::Overflow, NoTwReason::Abort, NoTwReason::Overflow] {
+        for reason in [
+            NoTwReason::Overflow,
+            NoTwReason::Abort,
+            NoTwReason::Overflow,
+        ] {
             a.ingest(
                 Event::NoTimeWait(NoTimeWait {
                     ts_ns: S,

@@ -56,10 +56,11 @@ impl CgroupNames {
             if seen > MAX_DIRS {
                 break;
             }
-            let Ok(meta) = fs::metadata(&dir) else { continue };
+            let Ok(meta) = fs::metadata(&dir) else {
+                continue;
+            };
             let rel = dir.strip_prefix(&self.root).unwrap_or(Path::new(""));
-            self.by_id
-                .insert(meta.ino(), format!("/{}", rel.display()));
+            self.by_id.insert(meta.ino(), format!("/{}", rel.display()));
             if let Ok(rd) = fs::read_dir(&dir) {
                 stack.extend(
                     rd.flatten()

@@ -20,7 +20,11 @@ pub enum DecodeError {
     #[error("unknown event kind {0}")]
     UnknownKind(u8),
     #[error("{kind:?} record has {got} bytes, expected {want}")]
-    Size { kind: EventKind, got: usize, want: usize },
+    Size {
+        kind: EventKind,
+        got: usize,
+        want: usize,
+    },
     #[error("unknown address family {0}")]
     Family(u16),
     #[error("unknown {what} code {code}")]
@@ -154,8 +158,7 @@ pub(crate) mod encode {
 
     pub fn bytes<T: Copy>(v: &T) -> Vec<u8> {
         // SAFETY: T is a plain #[repr(C)] struct; reading its bytes is sound.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
-            .to_vec()
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
     }
 
     pub fn task(pid: u32, comm: &str) -> Task {
@@ -314,13 +317,15 @@ mod tests {
         assert_eq!(decode(&b), Err(DecodeError::UnknownKind(200)));
         b[0] = EventKind::TwEnter as u8;
         assert!(matches!(decode(&b), Err(DecodeError::Size { .. })));
-        let mut raw = TwUpdate {
+        let raw = TwUpdate {
             hdr: hdr(EventKind::TwEnd, 5),
             end: 99,
             ..TwUpdate::default()
         };
-        assert!(matches!(decode(&bytes(&raw)), Err(DecodeError::Code { .. })));
-        raw.end = 1;
+        assert!(matches!(
+            decode(&bytes(&raw)),
+            Err(DecodeError::Code { .. })
+        ));
         let mut open = TwOpen {
             hdr: hdr(EventKind::TwEnter, 1),
             ..TwOpen::default()

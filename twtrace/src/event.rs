@@ -245,7 +245,10 @@ pub enum Event {
     TwEnd(TwEnd),
     NoTimeWait(NoTimeWait),
     /// Pre-existing TIME_WAITs, as of `ts_ns`.
-    TwExisting { ts_ns: u64, sockets: Vec<TwExisting> },
+    TwExisting {
+        ts_ns: u64,
+        sockets: Vec<TwExisting>,
+    },
 }
 
 impl Event {

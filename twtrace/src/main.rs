@@ -19,7 +19,10 @@ fn main() -> ExitCode {
         .format_timestamp(None)
         .parse_env("TWTRACE_LOG")
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("twtrace: cannot start: {e}");

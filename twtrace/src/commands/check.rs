@@ -28,7 +28,9 @@ pub fn run() -> anyhow::Result<()> {
     }
     println!("netns         {} reachable", netns::enumerate().len());
     let (tracer, _ring) = Tracer::start(&TracerOptions::default())?;
-    println!("attach        ok (tp_btf: inet_sock_set_state, tcp_send_reset, tcp_receive_reset, timer_start, timer_cancel, timer_expire_entry)");
+    println!(
+        "attach        ok (tp_btf: inet_sock_set_state x2, tcp_send_reset, tcp_receive_reset, timer_start, timer_cancel, timer_expire_entry)"
+    );
     drop(tracer);
     Ok(())
 }

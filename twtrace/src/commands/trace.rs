@@ -24,12 +24,7 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     if !args.ring_mib.is_power_of_two() || args.ring_mib > 1024 {
         bail!("--ring-mib must be a power of two between 1 and 1024");
     }
-    let mut source = LiveSource::start(
-        &filters,
-        verbose,
-        args.ring_mib << 20,
-        !args.no_existing,
-    )?;
+    let mut source = LiveSource::start(&filters, verbose, args.ring_mib << 20, !args.no_existing)?;
     let hz = config_hz().unwrap_or_else(|| {
         log::warn!("cannot read CONFIG_HZ; assuming {FALLBACK_HZ} for timer lengths");
         FALLBACK_HZ
@@ -63,21 +58,49 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
             r = source.read(&mut events) => r.context("reading kernel events")?,
             _ = tick.tick() => {
                 agg.tick();
-                reported = warn_new_loss(&source.loss(), reported);
+                reported = warn_new_loss(source.loss(), &reported);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = &mut deadline => break,
         }
-        if emit(&mut agg, &mut events, &mut records, args.json, &tb, &mut cgroups, &mut stdout)? {
+        if emit(
+            &mut agg,
+            &mut events,
+            &mut records,
+            args.json,
+            &tb,
+            &mut cgroups,
+            &mut stdout,
+        )? {
             return Ok(()); // the reader went away (e.g. `| head`)
         }
     }
     // What the kernel wrote before we stopped still counts.
     source.drain(&mut events);
-    emit(&mut agg, &mut events, &mut records, args.json, &tb, &mut cgroups, &mut stdout)?;
+    emit(
+        &mut agg,
+        &mut events,
+        &mut records,
+        args.json,
+        &tb,
+        &mut cgroups,
+        &mut stdout,
+    )?;
+    let loss = source.loss();
+    if args.json {
+        // A last object with the totals, so a consumer knows what the stream covered and lost.
+        let summary = serde_json::json!({
+            "type": "summary",
+            "totals": agg.totals(),
+            "alive": agg.alive_count(),
+            "loss": loss,
+            "undecodable": source.decode_errors(),
+        });
+        let _ = writeln!(stdout, "{summary}").and_then(|_| stdout.flush());
+    }
     drop(stdout);
-    summary(&agg, &source.loss(), source.decode_errors());
+    summary(&agg, &loss, source.decode_errors());
     Ok(())
 }
 
@@ -115,7 +138,7 @@ fn emit(
 }
 
 /// Never lose data silently: say so as soon as the kernel side drops anything.
-fn warn_new_loss(now: &Loss, before: Loss) -> Loss {
+fn warn_new_loss(now: Loss, before: &Loss) -> Loss {
     if now.ringbuf_full > before.ringbuf_full {
         eprintln!(
             "twtrace: WARNING: {} events lost (ring buffer full); try a larger --ring-mib or a filter",
@@ -128,7 +151,7 @@ fn warn_new_loss(now: &Loss, before: Loss) -> Loss {
             now.recursion_misses - before.recursion_misses
         );
     }
-    *now
+    now
 }
 
 fn summary(agg: &Aggregator<MonotonicClock>, loss: &Loss, decode_errors: u64) {
@@ -149,7 +172,12 @@ fn summary(agg: &Aggregator<MonotonicClock>, loss: &Loss, decode_errors: u64) {
         t.peer_reset
     );
     eprintln!(
-        "twtrace: lost events: {} (ring buffer full); recursion misses: {}; failed kernel reads: {}; connection map failures: {}; undecodable records: {}",
-        loss.ringbuf_full, loss.recursion_misses, loss.read_fail, loss.conn_map_fail, decode_errors
+        "twtrace: lost events: {} (ring buffer full); recursion misses: {} (+{} harmless); failed kernel reads: {}; connection map failures: {}; undecodable records: {}",
+        loss.ringbuf_full,
+        loss.recursion_misses,
+        loss.recursion_misses_harmless,
+        loss.read_fail,
+        loss.conn_map_fail,
+        decode_errors
     );
 }

@@ -12,10 +12,7 @@ use twtrace_ebpf::Offsets;
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
     #[error("cannot read kernel BTF from {path}: {source}")]
-    Read {
-        path: String,
-        source: btf_rs::Error,
-    },
+    Read { path: String, source: btf_rs::Error },
     #[error("kernel BTF has no struct {0}")]
     NoStruct(String),
     #[error("kernel BTF: struct {ty} has no member {path}")]
@@ -115,7 +112,7 @@ impl KernelBtf {
                 };
             }
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(BtfError::Unaddressable {
                 ty: ty.to_string(),
                 path: path.to_string(),

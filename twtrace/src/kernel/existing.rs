@@ -158,7 +158,8 @@ fn parse(mut data: &[u8], netns: u32, out: &mut Vec<TwExisting>) -> io::Result<b
                 return Err(io::Error::from_raw_os_error(-errno));
             }
             SOCK_DIAG_BY_FAMILY if len >= hdr_len + mem::size_of::<DiagMsg>() => {
-                let m: DiagMsg = unsafe { std::ptr::read_unaligned(data[hdr_len..].as_ptr().cast()) };
+                let m: DiagMsg =
+                    unsafe { std::ptr::read_unaligned(data[hdr_len..].as_ptr().cast()) };
                 if let Some(e) = to_existing(&m, netns) {
                     out.push(e);
                 }

@@ -16,7 +16,10 @@ pub enum KallsymsError {
 }
 
 /// Looks up `names` (exact, text symbols) in kallsyms-formatted `text`.
-pub fn parse(text: &str, names: &[&'static str]) -> Result<HashMap<&'static str, u64>, KallsymsError> {
+pub fn parse(
+    text: &str,
+    names: &[&'static str],
+) -> Result<HashMap<&'static str, u64>, KallsymsError> {
     let mut found = HashMap::new();
     for line in text.lines() {
         let mut it = line.split_ascii_whitespace();
@@ -62,8 +65,14 @@ mod tests {
 
     #[test]
     fn missing_and_hidden() {
-        assert!(matches!(parse(SAMPLE, &["nope"]), Err(KallsymsError::Missing("nope"))));
+        assert!(matches!(
+            parse(SAMPLE, &["nope"]),
+            Err(KallsymsError::Missing("nope"))
+        ));
         let hidden = "0000000000000000 t tw_timer_handler\n";
-        assert!(matches!(parse(hidden, &["tw_timer_handler"]), Err(KallsymsError::Hidden)));
+        assert!(matches!(
+            parse(hidden, &["tw_timer_handler"]),
+            Err(KallsymsError::Hidden)
+        ));
     }
 }

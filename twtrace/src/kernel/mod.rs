@@ -16,7 +16,9 @@ pub fn config_hz() -> Option<u32> {
         .ok()
         .and_then(|f| {
             let mut s = String::new();
-            flate2::read::GzDecoder::new(f).read_to_string(&mut s).ok()?;
+            flate2::read::GzDecoder::new(f)
+                .read_to_string(&mut s)
+                .ok()?;
             Some(s)
         })
         .or_else(|| fs::read_to_string(format!("/boot/config-{}", release.trim())).ok())?;
@@ -34,7 +36,10 @@ fn parse_hz(config: &str) -> Option<u32> {
 mod tests {
     #[test]
     fn parses_hz() {
-        assert_eq!(super::parse_hz("CONFIG_HZ_250=y\nCONFIG_HZ=250\n"), Some(250));
+        assert_eq!(
+            super::parse_hz("CONFIG_HZ_250=y\nCONFIG_HZ=250\n"),
+            Some(250)
+        );
         assert_eq!(super::parse_hz("# nothing\n"), None);
     }
 }

@@ -2,8 +2,7 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
-    io,
+    fs, io,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
 };
@@ -60,7 +59,11 @@ pub fn enumerate() -> Vec<Netns> {
     }
     if let Ok(rd) = fs::read_dir("/proc") {
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            if e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
                 add(e.path().join("ns/net"));
             }
         }
@@ -90,7 +93,9 @@ pub fn run_in<T: Send + 'static>(
 /// Reads a sysctl as seen from the namespace at `path` (e.g. "net/ipv4/tcp_tw_reuse").
 pub fn sysctl_in(path: &Path, key: &str) -> io::Result<String> {
     let key = format!("/proc/sys/{key}");
-    run_in(path, move || Ok(fs::read_to_string(key)?.trim().to_string()))
+    run_in(path, move || {
+        Ok(fs::read_to_string(key)?.trim().to_string())
+    })
 }
 
 #[cfg(test)]

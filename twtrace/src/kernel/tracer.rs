@@ -19,16 +19,54 @@ use super::{
 };
 
 /// The kernel programs, built by build.rs from twtrace-ebpf.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace"));
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace-ebpf"));
 
-/// Tracepoints attached, as (program name, tracepoint).
-const HOOKS: &[(&str, &str)] = &[
-    ("inet_sock_set_state", "inet_sock_set_state"),
-    ("tcp_send_reset", "tcp_send_reset"),
-    ("tcp_receive_reset", "tcp_receive_reset"),
-    ("timer_start", "timer_start"),
-    ("timer_cancel", "timer_cancel"),
-    ("timer_expire_entry", "timer_expire_entry"),
+/// A kernel program and the BTF tracepoint it attaches to.
+struct Hook {
+    program: &'static str,
+    tracepoint: &'static str,
+    /// Whether a run the kernel skips (recursion miss) can lose data. `set_state_task` handles
+    /// only transitions made in process context; what interrupts it is softirq work, whose
+    /// transitions it ignores and `set_state_any` handles.
+    miss_loses_data: bool,
+}
+
+const HOOKS: &[Hook] = &[
+    Hook {
+        program: "set_state_task",
+        tracepoint: "inet_sock_set_state",
+        miss_loses_data: false,
+    },
+    Hook {
+        program: "set_state_any",
+        tracepoint: "inet_sock_set_state",
+        miss_loses_data: true,
+    },
+    Hook {
+        program: "tcp_send_reset",
+        tracepoint: "tcp_send_reset",
+        miss_loses_data: true,
+    },
+    Hook {
+        program: "tcp_receive_reset",
+        tracepoint: "tcp_receive_reset",
+        miss_loses_data: true,
+    },
+    Hook {
+        program: "timer_start",
+        tracepoint: "timer_start",
+        miss_loses_data: true,
+    },
+    Hook {
+        program: "timer_cancel",
+        tracepoint: "timer_cancel",
+        miss_loses_data: true,
+    },
+    Hook {
+        program: "timer_expire_entry",
+        tracepoint: "timer_expire_entry",
+        miss_loses_data: true,
+    },
 ];
 
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -73,7 +111,7 @@ pub struct TracerOptions {
 }
 
 /// Events the kernel side could not deliver, and program runs the kernel skipped.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Loss {
     /// Events dropped because the ring buffer was full.
     pub ringbuf_full: u64,
@@ -81,8 +119,13 @@ pub struct Loss {
     pub conn_map_fail: u64,
     /// Kernel memory reads that failed.
     pub read_fail: u64,
-    /// Program runs skipped by the kernel because another BPF program was running on the CPU.
+    /// Program runs the kernel skipped because the same program was already running on that
+    /// CPU (an interrupt nested inside it), in programs where that can lose an event.
     pub recursion_misses: u64,
+    /// Skipped runs that cannot lose an event (see `Hook::miss_loses_data`).
+    pub recursion_misses_harmless: u64,
+    /// Skipped runs per program.
+    pub recursion_misses_by_program: std::collections::BTreeMap<&'static str, u64>,
 }
 
 impl Loss {
@@ -151,7 +194,9 @@ impl Tracer {
         let config = kernel_config(opts)?;
         let btf = Btf::from_sys_fs().map_err(|_| TracerError::NoBtf)?;
         let mut loader = EbpfLoader::new();
-        loader.btf(Some(&btf)).override_global("CONFIG", &config, true);
+        loader
+            .btf(Some(&btf))
+            .override_global("CONFIG", &config, true);
         if let Some(bytes) = opts.ring_bytes {
             loader.map_max_entries("EVENTS", bytes);
         }
@@ -161,10 +206,15 @@ impl Tracer {
         } else {
             None
         };
-        for &(name, tp) in HOOKS {
+        for &Hook {
+            program,
+            tracepoint: tp,
+            ..
+        } in HOOKS
+        {
             let prog: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(TracerError::Missing(name))?
+                .program_mut(program)
+                .ok_or(TracerError::Missing(program))?
                 .try_into()
                 .map_err(|source| TracerError::Attach { hook: tp, source })?;
             prog.load(tp, &btf)
@@ -172,11 +222,16 @@ impl Tracer {
             prog.attach()
                 .map_err(|source| TracerError::Attach { hook: tp, source })?;
         }
-        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(TracerError::Missing("EVENTS"))?)
-            .map_err(|e| TracerError::Map("EVENTS", e))?;
-        let counters =
-            PerCpuArray::try_from(ebpf.take_map("COUNTERS").ok_or(TracerError::Missing("COUNTERS"))?)
-                .map_err(|e| TracerError::Map("COUNTERS", e))?;
+        let ring = RingBuf::try_from(
+            ebpf.take_map("EVENTS")
+                .ok_or(TracerError::Missing("EVENTS"))?,
+        )
+        .map_err(|e| TracerError::Map("EVENTS", e))?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map("COUNTERS")
+                .ok_or(TracerError::Missing("COUNTERS"))?,
+        )
+        .map_err(|e| TracerError::Map("COUNTERS", e))?;
         Ok((
             Self {
                 ebpf,
@@ -195,18 +250,26 @@ impl Tracer {
                 .map(|v| v.iter().sum())
                 .unwrap_or(0)
         };
-        let recursion_misses = self
-            .ebpf
-            .programs()
-            .filter_map(|(_, p)| p.fd().ok())
-            .map(|fd| recursion_misses(fd.as_fd().as_raw_fd()))
-            .sum();
-        Loss {
+        let mut loss = Loss {
             ringbuf_full: sum(counter::RINGBUF_FULL),
             conn_map_fail: sum(counter::CONN_MAP_FAIL),
             read_fail: sum(counter::READ_FAIL),
-            recursion_misses,
+            ..Loss::default()
+        };
+        for hook in HOOKS {
+            let Some(fd) = self.ebpf.program(hook.program).and_then(|p| p.fd().ok()) else {
+                continue;
+            };
+            let misses = recursion_misses(fd.as_fd().as_raw_fd());
+            if hook.miss_loses_data {
+                loss.recursion_misses += misses;
+            } else {
+                loss.recursion_misses_harmless += misses;
+            }
+            loss.recursion_misses_by_program
+                .insert(hook.program, misses);
         }
+        loss
     }
 }
 

@@ -68,7 +68,9 @@ fn identity<'a>(
     cgroups: &mut CgroupNames,
 ) -> Identity<'a> {
     Identity {
-        ts: tb.utc(ts_ns).to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        ts: tb
+            .utc(ts_ns)
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         netns: conn.netns,
         family: conn.family,
         laddr: conn.laddr,

@@ -1,0 +1,202 @@
+//! Workloads for the integration tests and benchmarks, run inside a test network namespace.
+//! Each prints one JSON object on stdout with what the test needs to check (its pid, ports).
+//!
+//! Usage: twload SCENARIO [ARGS]. Every loop is bounded in count and time.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use socket2::{Domain, Socket, Type};
+
+const SERVER: &str = "127.0.0.1:8080";
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn listener(addr: &str) -> anyhow::Result<TcpListener> {
+    let addr: SocketAddr = addr.parse()?;
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// Connects and accepts one connection: (client, server side).
+fn pair(l: &TcpListener, to: &str) -> anyhow::Result<(TcpStream, TcpStream)> {
+    let c = TcpStream::connect(to).context("connect")?;
+    let (s, _) = l.accept().context("accept")?;
+    Ok((c, s))
+}
+
+/// A client bound to a fixed local port with SO_REUSEADDR.
+fn bound_client(local: &str, to: &str) -> anyhow::Result<TcpStream> {
+    let local: SocketAddr = local.parse()?;
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&local.into())?;
+    s.connect(&to.parse::<SocketAddr>()?.into())?;
+    Ok(s.into())
+}
+
+fn report(fields: serde_json::Value) {
+    let mut v = fields;
+    v["pid"] = std::process::id().into();
+    println!("{v}");
+    std::io::stdout().flush().ok();
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let scenario = args.first().map(String::as_str).unwrap_or("");
+    let server = args.get(1).map(String::as_str).unwrap_or(SERVER);
+    match scenario {
+        // This host (the client) closes first: client TIME_WAIT.
+        "client-first" => {
+            let l = listener(server)?;
+            let (c, s) = pair(&l, server)?;
+            let port = c.local_addr()?.port();
+            drop(c);
+            thread::sleep(ms(50));
+            drop(s);
+            thread::sleep(ms(50));
+            report(serde_json::json!({ "client_port": port }));
+        }
+        // The server closes first: server TIME_WAIT.
+        "server-first" => {
+            let l = listener(server)?;
+            let (c, s) = pair(&l, server)?;
+            let port = c.local_addr()?.port();
+            drop(s);
+            thread::sleep(ms(50));
+            drop(c);
+            thread::sleep(ms(50));
+            report(serde_json::json!({ "client_port": port }));
+        }
+        // shutdown(SHUT_WR) is the close that counts; close() comes later.
+        "shutdown" => {
+            let l = listener(server)?;
+            let (c, s) = pair(&l, server)?;
+            let port = c.local_addr()?.port();
+            c.shutdown(Shutdown::Write)?;
+            thread::sleep(ms(50));
+            drop(s);
+            thread::sleep(ms(50));
+            drop(c);
+            report(serde_json::json!({ "client_port": port }));
+        }
+        // Needs ip_local_port_range "P P": the second connect must take the TIME_WAIT's port.
+        "reuse" => {
+            let l = listener(server)?;
+            let (c, s) = pair(&l, server)?;
+            let port = c.local_addr()?.port();
+            drop(c);
+            thread::sleep(ms(50));
+            drop(s);
+            thread::sleep(ms(1500)); // past tcp_tw_reuse_delay (1 s)
+            let (c2, _s2) = pair(&l, server)?;
+            if c2.local_addr()?.port() != port {
+                bail!("second connect used another port");
+            }
+            thread::sleep(ms(50));
+            report(serde_json::json!({ "client_port": port }));
+        }
+        // The server closes first; the client reconnects from the same port: its SYN recycles
+        // the server's TIME_WAIT.
+        "recycle" => {
+            let l = listener(server)?;
+            let c = bound_client("127.0.0.1:45000", server)?;
+            let (s, _) = l.accept()?;
+            drop(s);
+            thread::sleep(ms(50));
+            drop(c);
+            thread::sleep(ms(200));
+            let _c2 = bound_client("127.0.0.1:45000", server)?;
+            let _s2 = l.accept()?;
+            thread::sleep(ms(50));
+            report(serde_json::json!({ "client_port": 45000 }));
+        }
+        // The client closes; the server writes to the half-closed connection: the client's
+        // FIN_WAIT2-substate TIME_WAIT answers with a RST and dies.
+        "rst" => {
+            let l = listener(server)?;
+            let (c, mut s) = pair(&l, server)?;
+            let port = c.local_addr()?.port();
+            drop(c);
+            thread::sleep(ms(100));
+            s.write_all(b"late data")?;
+            thread::sleep(ms(100));
+            report(serde_json::json!({ "client_port": port }));
+        }
+        // SO_LINGER 0: close() resets, no TIME_WAIT.
+        "linger0" => {
+            let l = listener(server)?;
+            let (c, _s) = pair(&l, server)?;
+            let port = c.local_addr()?.port();
+            let c = Socket::from(c);
+            c.set_linger(Some(Duration::ZERO))?;
+            drop(c);
+            thread::sleep(ms(100));
+            report(serde_json::json!({ "client_port": port }));
+        }
+        // Client first, then the server keeps the connection open for `hold_ms`: with
+        // tcp_fin_timeout=1 the client's FIN_WAIT2-substate TIME_WAIT expires meanwhile.
+        "hold" => {
+            let hold: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3000);
+            let l = listener(server)?;
+            let (c, s) = pair(&l, server)?;
+            let port = c.local_addr()?.port();
+            drop(c);
+            report(serde_json::json!({ "client_port": port }));
+            thread::sleep(ms(hold.min(120_000)));
+            drop(s);
+        }
+        // Connections opened and closed as fast as possible, alternating which side closes
+        // first, for `secs` seconds (at most `max` connections).
+        "churn" => {
+            let secs: f64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3.0);
+            let max: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(200_000);
+            let (n, failed) = churn(server, Duration::from_secs_f64(secs.min(600.0)), max)?;
+            report(serde_json::json!({ "connections": n, "failed": failed }));
+        }
+        other => bail!("unknown scenario {other:?}"),
+    }
+    Ok(())
+}
+
+fn churn(server: &str, dur: Duration, max: u64) -> anyhow::Result<(u64, u64)> {
+    let l = listener(server)?;
+    let server = server.to_string();
+    let stop = Instant::now() + dur;
+    // Accepts until the process exits; connections arrive in the order the client makes them.
+    thread::spawn(move || {
+        let mut i = 0u64;
+        while let Ok((mut s, _)) = l.accept() {
+            if i.is_multiple_of(2) {
+                // The client closes first: wait for its FIN.
+                let _ = s.read(&mut [0u8; 1]);
+            }
+            i += 1;
+        }
+    });
+    let (mut n, mut failed) = (0u64, 0u64);
+    while Instant::now() < stop && n < max {
+        match TcpStream::connect(&server) {
+            Ok(mut c) => {
+                if n % 2 == 1 {
+                    // The server closes first: wait for its FIN.
+                    let _ = c.read(&mut [0u8; 1]);
+                }
+                n += 1;
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    Ok((n, failed))
+}

@@ -1,0 +1,279 @@
+//! Root integration tests: each scenario runs in a network namespace it creates and removes,
+//! traced by the real twtrace binary, and asserts who closed, the role, the substate, how the
+//! TIME_WAIT ended and how long it lived.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use twtrace_integration::{Netns, Trace, can_run, with_port};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn pid(v: &Value) -> u64 {
+    v["pid"].as_u64().expect("pid")
+}
+
+fn port(v: &Value) -> u64 {
+    v["client_port"].as_u64().expect("client_port")
+}
+
+fn lifetime_ms(r: &Value) -> f64 {
+    r["lifetime_ms"].as_f64().expect("lifetime_ms")
+}
+
+/// Waits for exactly one finished TIME_WAIT on `port` and returns it.
+fn one_time_wait(t: &Trace, port: u64, timeout: Duration) -> Value {
+    let recs = t.wait_for("a finished TIME_WAIT", timeout, |r| {
+        !with_port(r, "time_wait", port).is_empty()
+    });
+    let tws = with_port(&recs, "time_wait", port);
+    assert_eq!(tws.len(), 1, "{tws:#?}");
+    tws[0].clone()
+}
+
+fn assert_identity(r: &Value, ns: &Netns, load: &Value, role: &str) {
+    assert_eq!(r["netns"].as_u64(), Some(ns.inode), "{r}");
+    assert_eq!(r["family"], "ipv4");
+    assert_eq!(r["pid"].as_u64(), Some(pid(load)), "closer pid: {r}");
+    assert_eq!(r["comm"], "twload", "{r}");
+    assert_eq!(r["role"], role, "{r}");
+    assert_eq!(r["close"], "active", "{r}");
+    assert_eq!(r["preexisting"], false);
+}
+
+#[test]
+fn client_closes_first_and_expires_after_60s() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("expire");
+    let t = Trace::start(&ns, &[]);
+    let load = ns.twload(&["client-first"]);
+    let r = one_time_wait(&t, port(&load), Duration::from_secs(90));
+    assert_identity(&r, &ns, &load, "client");
+    assert_eq!(r["lport"].as_u64(), Some(port(&load)));
+    assert_eq!(r["rport"], 8080);
+    assert_eq!(r["substate"], "time_wait");
+    assert_eq!(r["end"], "expired");
+    // If the server's ACK of our FIN beat the end of close(), the TIME_WAIT entered in the
+    // FIN_WAIT2 substate and was pushed back to 60 s by the server's FIN; otherwise the full
+    // socket waited in FIN_WAIT2 and entered TIME_WAIT directly. Both are right.
+    let resched = r["rescheduled"].as_u64().unwrap();
+    assert!(resched <= 1, "{r}");
+    let life = lifetime_ms(&r);
+    assert!((60_000.0..63_500.0).contains(&life), "lifetime {life} ms");
+    t.stop();
+}
+
+#[test]
+fn server_closes_first_then_netns_purge() {
+    if !can_run() {
+        return;
+    }
+    let mut ns = Netns::new("server");
+    let t = Trace::start(&ns, &[]);
+    let load = ns.twload(&["server-first"]);
+    // The server's TIME_WAIT: local port 8080, remote the client's port.
+    ns.delete();
+    let r = one_time_wait(&t, port(&load), WAIT);
+    assert_identity(&r, &ns, &load, "server");
+    assert_eq!(r["lport"], 8080);
+    assert_eq!(r["rport"].as_u64(), Some(port(&load)));
+    assert_eq!(r["substate"], "time_wait");
+    assert_eq!(r["end"], "purged");
+    assert!(lifetime_ms(&r) < 20_000.0, "{r}");
+    t.stop();
+}
+
+#[test]
+fn shutdown_then_close_is_attributed_to_the_shutdown() {
+    if !can_run() {
+        return;
+    }
+    let mut ns = Netns::new("shutdown");
+    let t = Trace::start(&ns, &[]);
+    let load = ns.twload(&["shutdown"]);
+    ns.delete();
+    let r = one_time_wait(&t, port(&load), WAIT);
+    assert_identity(&r, &ns, &load, "client");
+    assert_eq!(r["substate"], "time_wait");
+    assert_eq!(r["end"], "purged");
+    t.stop();
+}
+
+#[test]
+fn reused_by_a_connect() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("reuse");
+    // One ephemeral port: the second connect must reuse the TIME_WAIT (tcp_tw_reuse=2 allows
+    // loopback).
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40000");
+    let t = Trace::start(&ns, &[]);
+    let load = ns.twload(&["reuse"]);
+    let r = one_time_wait(&t, port(&load), WAIT);
+    assert_identity(&r, &ns, &load, "client");
+    assert_eq!(r["end"], "reused");
+    assert_eq!(r["reused_by_pid"].as_u64(), Some(pid(&load)));
+    assert_eq!(r["reused_by_comm"], "twload");
+    let life = lifetime_ms(&r);
+    assert!((1_000.0..5_000.0).contains(&life), "lifetime {life} ms");
+    t.stop();
+}
+
+#[test]
+fn recycled_by_an_inbound_syn() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("recycle");
+    let t = Trace::start(&ns, &[]);
+    let load = ns.twload(&["recycle"]);
+    let recs = t.wait_for("the recycled TIME_WAIT", WAIT, |r| {
+        with_port(r, "time_wait", 45000)
+            .iter()
+            .any(|r| r["lport"] == 8080)
+    });
+    let r = with_port(&recs, "time_wait", 45000)
+        .into_iter()
+        .find(|r| r["lport"] == 8080)
+        .unwrap()
+        .clone();
+    assert_identity(&r, &ns, &load, "server");
+    assert_eq!(r["end"], "recycled");
+    assert!(lifetime_ms(&r) < 5_000.0, "{r}");
+    t.stop();
+}
+
+#[test]
+fn reset_by_late_data() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("rst");
+    let t = Trace::start(&ns, &[]);
+    let load = ns.twload(&["rst"]);
+    let r = one_time_wait(&t, port(&load), WAIT);
+    assert_identity(&r, &ns, &load, "client");
+    // Data reached the orphaned FIN_WAIT2-substate TIME_WAIT, which answered with a RST.
+    assert_eq!(r["substate"], "fin_wait2");
+    assert_eq!(r["end"], "reset");
+    assert!(lifetime_ms(&r) < 5_000.0, "{r}");
+    t.stop();
+}
+
+#[test]
+fn fin_wait2_substate_expires_after_fin_timeout() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("fw2");
+    ns.sysctl("net.ipv4.tcp_fin_timeout", "1");
+    let t = Trace::start(&ns, &[]);
+    // The server holds its side open (CLOSE_WAIT, no FIN) longer than tcp_fin_timeout.
+    let load = ns.twload(&["hold", "127.0.0.1:8080", "2500"]);
+    let r = one_time_wait(&t, port(&load), WAIT);
+    assert_identity(&r, &ns, &load, "client");
+    assert_eq!(r["substate"], "fin_wait2");
+    assert_eq!(r["end"], "expired");
+    let life = lifetime_ms(&r);
+    assert!((900.0..3_000.0).contains(&life), "lifetime {life} ms");
+    t.stop();
+}
+
+#[test]
+fn overflow_skips_time_wait() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("overflow");
+    ns.sysctl("net.ipv4.tcp_max_tw_buckets", "0");
+    let t = Trace::start(&ns, &[]);
+    let load = ns.twload(&["client-first"]);
+    let recs = t.wait_for("an overflow", WAIT, |r| {
+        !with_port(r, "no_time_wait", port(&load)).is_empty()
+    });
+    let r = with_port(&recs, "no_time_wait", port(&load))[0];
+    assert_eq!(r["reason"], "overflow");
+    assert_eq!(r["pid"].as_u64(), Some(pid(&load)));
+    assert_eq!(r["comm"], "twload");
+    assert_eq!(r["role"], "client");
+    assert_eq!(r["close"], "active");
+    assert_eq!(r["netns"].as_u64(), Some(ns.inode));
+    let overflows = ns.tcp_ext()["TCPTimeWaitOverflow"];
+    assert!(overflows >= 1, "kernel counted {overflows} overflows");
+    assert!(with_port(&recs, "time_wait", port(&load)).is_empty());
+    t.stop();
+}
+
+#[test]
+fn so_linger_zero_aborts_without_time_wait() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("linger");
+    let t = Trace::start(&ns, &[]);
+    let load = ns.twload(&["linger0"]);
+    let recs = t.wait_for("an abort", WAIT, |r| {
+        !with_port(r, "no_time_wait", port(&load)).is_empty()
+    });
+    let r = with_port(&recs, "no_time_wait", port(&load))[0];
+    assert_eq!(r["reason"], "abort");
+    assert_eq!(r["pid"].as_u64(), Some(pid(&load)));
+    assert_eq!(r["comm"], "twload");
+    assert_eq!(r["role"], "client");
+    assert_eq!(r["oldstate"], "established");
+    t.stop();
+}
+
+#[test]
+fn churn_count_equals_kernel_counters_with_no_loss() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("churn");
+    ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000");
+    let t = Trace::start(&ns, &[]);
+    let before = ns.tcp_ext();
+    let load = ns.twload(&["churn", "127.0.0.1:8080", "4", "60000"]);
+    let after = ns.tcp_ext();
+    std::thread::sleep(Duration::from_millis(500));
+    let (recs, stderr) = t.stop();
+    let summary = recs.last().expect("summary");
+    assert_eq!(summary["type"], "summary", "{stderr}");
+    let kernel = (after["TW"] + after["TWKilled"]) - (before["TW"] + before["TWKilled"]);
+    let seen = summary["totals"]["entered"].as_u64().unwrap();
+    let connections = load["connections"].as_u64().unwrap();
+    eprintln!("churn: {connections} connections, kernel {kernel} TIME_WAITs, twtrace {seen}");
+    assert!(
+        connections > 1000,
+        "churn too slow to mean anything: {load}"
+    );
+    assert!(
+        kernel >= connections,
+        "every connection leaves one TIME_WAIT"
+    );
+    assert_eq!(
+        seen, kernel,
+        "twtrace saw {seen}, the kernel counted {kernel}"
+    );
+    let loss = &summary["loss"];
+    assert_eq!(loss["ringbuf_full"], 0, "{loss}");
+    assert_eq!(loss["conn_map_fail"], 0, "{loss}");
+    assert_eq!(loss["read_fail"], 0, "{loss}");
+    // The timer programs see the TIME_WAITs themselves: none of their runs may be skipped.
+    let by_program = &loss["recursion_misses_by_program"];
+    for p in ["timer_start", "timer_cancel", "timer_expire_entry"] {
+        assert_eq!(by_program[p], 0, "{p}: {loss}");
+    }
+    // An interrupt landing while a state-change program runs in process context makes the
+    // kernel skip the nested run. They are counted and shown; they must stay rare.
+    let misses = loss["recursion_misses"].as_u64().unwrap();
+    assert!(
+        misses * 10_000 <= connections,
+        "{misses} recursion misses: {loss}"
+    );
+    assert_eq!(summary["undecodable"], 0);
+    assert_eq!(summary["totals"]["preexisting"], 0);
+}

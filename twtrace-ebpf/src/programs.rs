@@ -1,0 +1,950 @@
+//! twtrace's kernel programs (compiled for the BPF target only). BTF tracepoints only: this must run where kprobes and
+//! fentry/fexit are unavailable.
+//!
+//! Two sources are joined by the socket cookie, which a TIME_WAIT socket copies from the socket
+//! it replaces:
+//! - `inet_sock_set_state` sees the connection: its role (SYN_SENT = client, SYN_RECV = server)
+//!   and who closed first (ESTABLISHED->FIN_WAIT1 runs in the closer's close()/shutdown()).
+//! - the timer tracepoints see the TIME_WAIT socket itself, through `tw->tw_timer`: start =
+//!   entered (or pushed back), expire_entry = expired, cancel without either = killed early.
+//!
+//! A cancel cannot tell expiry, re-arm, reuse, SYN recycle and RST assassination apart on its
+//! own: the first three are followed on the same CPU by the event that settles them
+//! (expire_entry, start, or the listener arming a request socket's timer), a re-arm even under
+//! the same lock. So such a cancel is parked in a per-CPU stash, with what its context says (the
+//! cancelling task was connecting to the same peer: reuse), and settled by what follows; a stash
+//! nothing settles is flushed by the next timer event on that CPU. Kills whose cause is plain at
+//! cancel time (netns purge, a RST the TIME_WAIT just sent) are emitted at once.
+
+use core::{ffi::c_void, ptr::read_volatile};
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_get_socket_cookie,
+            bpf_jiffies64, bpf_ktime_get_ns,
+        },
+    },
+    macros::{btf_tracepoint, map},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::BtfTracePointContext,
+};
+use aya_log_ebpf::debug;
+use twtrace_ebpf::{
+    AF_INET, AF_INET6, COMM_LEN, Config, Conn, EndReason, EventHeader, EventKind, NoTw, NoTwReason,
+    OPEN_ATTRIBUTED, Task, TwOpen, TwUpdate, close_kind, counter, role, tcp_state,
+};
+
+/// Filled in by userspace at load time (offsets from BTF, addresses from kallsyms, filters).
+#[unsafe(no_mangle)]
+static CONFIG: Config = unsafe { core::mem::zeroed() };
+
+/// Reads one field of [`CONFIG`]; volatile so the compiler keeps the load-time value.
+macro_rules! conf {
+    ($($field:tt)+) => {
+        unsafe { read_volatile(&CONFIG.$($field)+) }
+    };
+}
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Connections this host may close first, by socket cookie. Entries go at CLOSE.
+#[map]
+static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(262_144, 0);
+
+/// Tasks between CLOSE->SYN_SENT and the end of connect(), by pid_tgid: a TIME_WAIT killed in
+/// such a task's context towards the same destination was reused by that connect().
+#[map]
+static CONNECTING: LruHashMap<u64, Connecting> = LruHashMap::with_max_entries(16_384, 0);
+
+#[map]
+static PERCPU: PerCpuArray<PerCpu> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+const CLOSER_SET: u8 = 1;
+const TW_ENTERED: u8 = 2;
+const RST_SENT: u8 = 4;
+const RST_RECEIVED: u8 = 8;
+/// Went to CLOSE without a TIME_WAIT; a RST sent right after makes it an abort.
+const CLOSED: u8 = 16;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConnInfo {
+    closer: Task,
+    role: u8,
+    close: u8,
+    flags: u8,
+    oldstate: u8,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Connecting {
+    daddr: [u8; 16],
+    netns: u32,
+    dport: u16,
+    family: u16,
+    ts: u64,
+}
+
+/// A connect() older than this no longer explains a kill.
+const CONNECTING_MAX_NS: u64 = 2_000_000_000;
+/// A stash nothing settled within this long is flushed by any timer event on its CPU.
+const STASH_MAX_NS: u64 = 1_000_000;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PerCpu {
+    /// Timer of a parked TIME_WAIT cancel; 0 when the stash is empty.
+    timer: u64,
+    tw: u64,
+    cookie: u64,
+    ts: u64,
+    by: Task,
+    conn: Conn,
+    substate: u8,
+    /// The cancelling task was connecting to this TIME_WAIT's peer: a kill here is a reuse.
+    reuse: u8,
+    _pad: [u8; 6],
+    /// The TIME_WAIT socket that just sent a RST (tcp_send_reset), and when.
+    rst_tw: u64,
+    rst_ts: u64,
+}
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(idx) {
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn read<T>(addr: u64) -> Option<T> {
+    match unsafe { bpf_probe_read_kernel(addr as *const T) } {
+        Ok(v) => Some(v),
+        Err(_) => {
+            count(counter::READ_FAIL);
+            None
+        }
+    }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn header(kind: EventKind, ts_ns: u64) -> EventHeader {
+    EventHeader {
+        kind: kind as u8,
+        _pad: [0; 3],
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ts_ns,
+    }
+}
+
+#[inline(always)]
+fn current_task() -> Task {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    Task {
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: bpf_get_current_uid_gid() as u32,
+        _pad: 0,
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    }
+}
+
+#[inline(always)]
+fn is_self() -> bool {
+    (bpf_get_current_pid_tgid() >> 32) as u32 == conf!(self_pid)
+}
+
+/// Network namespace inode of a `sock_common`.
+#[inline(always)]
+fn netns_of(skc: u64) -> u32 {
+    let net: u64 = read(skc + conf!(off.skc_net) as u64).unwrap_or(0);
+    if net == 0 {
+        return 0;
+    }
+    read(net + conf!(off.net_inum) as u64).unwrap_or(0)
+}
+
+/// Identity of a `sock_common`. `sport_off` is where to read the big-endian local port: a full
+/// socket's `inet_sport` survives CLOSE, while `skc_num` is zeroed when the port is released.
+#[inline(always)]
+fn read_conn(skc: u64, sport_be_off: Option<u32>) -> Option<Conn> {
+    let family: u16 = read(skc + conf!(off.skc_family) as u64)?;
+    let mut c = Conn {
+        family,
+        ..Conn::default()
+    };
+    let dport_be: u16 = read(skc + conf!(off.skc_dport) as u64)?;
+    c.rport = u16::from_be(dport_be);
+    c.lport = match sport_be_off {
+        Some(off) => u16::from_be(read::<u16>(skc + off as u64)?),
+        None => read(skc + conf!(off.skc_num) as u64)?,
+    };
+    if family == AF_INET {
+        let d: [u8; 4] = read(skc + conf!(off.skc_daddr) as u64)?;
+        let s: [u8; 4] = read(skc + conf!(off.skc_rcv_saddr) as u64)?;
+        c.raddr[..4].copy_from_slice(&d);
+        c.laddr[..4].copy_from_slice(&s);
+    } else if family == AF_INET6 {
+        let d = (skc + conf!(off.skc_v6_daddr) as u64) as *const u8;
+        let s = (skc + conf!(off.skc_v6_rcv_saddr) as u64) as *const u8;
+        unsafe {
+            bpf_probe_read_kernel_buf(d, &mut c.raddr).ok()?;
+            bpf_probe_read_kernel_buf(s, &mut c.laddr).ok()?;
+        }
+    } else {
+        return None;
+    }
+    c.netns = netns_of(skc);
+    Some(c)
+}
+
+#[inline(always)]
+fn port_in(port: u16, list: &[u16; twtrace_ebpf::MAX_PORT_FILTERS], n: u8) -> bool {
+    let mut i = 0;
+    while i < twtrace_ebpf::MAX_PORT_FILTERS {
+        if i < n as usize && list[i] == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The filters that depend on the connection alone (netns, family, ports).
+#[inline(always)]
+fn conn_passes(c: &Conn) -> bool {
+    let netns = conf!(filter.netns);
+    if netns != 0 && c.netns != netns {
+        return false;
+    }
+    let family = conf!(filter.family);
+    if family != 0 && c.family != family {
+        return false;
+    }
+    let n_l = conf!(filter.n_lports);
+    if n_l != 0 && !port_in(c.lport, &conf!(filter.lports), n_l) {
+        return false;
+    }
+    let n_r = conf!(filter.n_rports);
+    if n_r != 0 && !port_in(c.rport, &conf!(filter.rports), n_r) {
+        return false;
+    }
+    true
+}
+
+/// The filters on the closing task (pid, comm).
+#[inline(always)]
+fn task_passes(t: &Task) -> bool {
+    let pid = conf!(filter.pid);
+    if pid != 0 && t.pid != pid {
+        return false;
+    }
+    let len = conf!(filter.comm_len) as usize;
+    if len != 0 {
+        let want = conf!(filter.comm);
+        let mut i = 0;
+        while i < COMM_LEN {
+            if i < len && t.comm[i] != want[i] {
+                return false;
+            }
+            if i == len && len < COMM_LEN && t.comm[i] != 0 {
+                return false;
+            }
+            i += 1;
+        }
+    }
+    true
+}
+
+#[inline(always)]
+fn submit_no_tw(cookie: u64, conn: &Conn, info: &ConnInfo, reason: NoTwReason, oldstate: u8) {
+    if !conn_passes(conn) || !task_passes(&info.closer) {
+        return;
+    }
+    match EVENTS.reserve::<NoTw>(0) {
+        Some(mut e) => {
+            e.write(NoTw {
+                hdr: header(EventKind::NoTw, now_ns()),
+                cookie,
+                conn: *conn,
+                closer: info.closer,
+                role: info.role,
+                close: info.close,
+                reason: reason as u8,
+                oldstate,
+                _pad: 0,
+            });
+            e.submit(0);
+        }
+        None => count(counter::RINGBUF_FULL),
+    }
+}
+
+#[inline(always)]
+fn new_conn_info(role: u8) -> ConnInfo {
+    ConnInfo {
+        closer: Task::default(),
+        role,
+        close: close_kind::UNKNOWN,
+        flags: 0,
+        oldstate: 0,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+fn remember(cookie: u64, info: &ConnInfo) {
+    if CONNS.insert(cookie, info, 0).is_err() {
+        count(counter::CONN_MAP_FAIL);
+    }
+}
+
+// --- connection states -----------------------------------------------------------------------
+
+// Two programs share inet_sock_set_state. The kernel skips a program that an interrupt catches
+// mid-run on the same CPU (a recursion miss). Transitions made by close(), shutdown() and
+// connect() run in process context, where softirq work at interrupt exit can nest: had one
+// program handled everything, the nested (softirq) transitions would be skipped. Split, the
+// nested call only ever misses the process-context program, which has nothing to do for a
+// softirq transition, while the other program handles it.
+
+/// ->SYN_SENT and ->FIN_WAIT1: only ever in process context.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn set_state_task(ctx: BtfTracePointContext) -> i32 {
+    let sk: *mut c_void = ctx.arg(0);
+    let oldstate: i32 = ctx.arg(1);
+    let newstate: i32 = ctx.arg(2);
+    let (old, new) = (oldstate as u8, newstate as u8);
+    if (old, new) == (tcp_state::CLOSE, tcp_state::SYN_SENT) || new == tcp_state::FIN_WAIT1 {
+        on_set_state(sk, old, new);
+    }
+    0
+}
+
+/// Everything else: mostly softirq (packets arriving), sometimes process context.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn set_state_any(ctx: BtfTracePointContext) -> i32 {
+    let sk: *mut c_void = ctx.arg(0);
+    let oldstate: i32 = ctx.arg(1);
+    let newstate: i32 = ctx.arg(2);
+    let (old, new) = (oldstate as u8, newstate as u8);
+    if (old, new) == (tcp_state::LISTEN, tcp_state::SYN_RECV)
+        || (old, new) == (tcp_state::FIN_WAIT1, tcp_state::CLOSING)
+        || new == tcp_state::CLOSE
+    {
+        on_set_state(sk, old, new);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_set_state(sk: *mut c_void, old: u8, new: u8) {
+    use tcp_state::*;
+    if sk.is_null() {
+        return;
+    }
+    let skc = sk as u64;
+    if read::<u16>(skc + conf!(off.sk_protocol) as u64) != Some(6) {
+        return;
+    }
+    // The helper assigns a cookie if the socket has none; the TIME_WAIT socket copies it.
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    match (old, new) {
+        (CLOSE, SYN_SENT) => {
+            remember(cookie, &new_conn_info(role::CLIENT));
+            // Destination is known, source port not yet: enough to recognise a reuse.
+            if let Some(c) = read_conn(skc, None) {
+                let v = Connecting {
+                    daddr: c.raddr,
+                    netns: c.netns,
+                    dport: c.rport,
+                    family: c.family,
+                    ts: now_ns(),
+                };
+                let _ = CONNECTING.insert(bpf_get_current_pid_tgid(), v, 0);
+            }
+        }
+        (LISTEN, SYN_RECV) => remember(cookie, &new_conn_info(role::SERVER)),
+        (FIN_WAIT1, CLOSING) => {
+            if let Some(info) = CONNS.get_ptr_mut(cookie) {
+                unsafe { (*info).close = close_kind::SIMULTANEOUS };
+            }
+        }
+        (_, FIN_WAIT1) => {
+            // close() or shutdown(): process context, the task is the closer.
+            if is_self() {
+                return;
+            }
+            let closer = current_task();
+            match CONNS.get_ptr_mut(cookie) {
+                Some(info) => unsafe {
+                    if (*info).flags & CLOSER_SET == 0 {
+                        (*info).closer = closer;
+                        (*info).close = close_kind::ACTIVE;
+                        (*info).flags |= CLOSER_SET;
+                    }
+                },
+                None => {
+                    let mut info = new_conn_info(role::UNKNOWN);
+                    info.closer = closer;
+                    info.close = close_kind::ACTIVE;
+                    info.flags = CLOSER_SET;
+                    remember(cookie, &info);
+                }
+            }
+        }
+        (_, CLOSE) => on_close(skc, cookie, old),
+        _ => {}
+    }
+}
+
+#[inline(always)]
+fn on_close(skc: u64, cookie: u64, old: u8) {
+    use tcp_state::*;
+    let Some(info) = CONNS.get_ptr_mut(cookie) else {
+        // Untracked connection reset by close() (SO_LINGER 0, unread data): the RST follows
+        // this state change, so remember the closer for tcp_send_reset.
+        if matches!(old, ESTABLISHED | SYN_RECV | FIN_WAIT1) && !is_self() {
+            let mut info = new_conn_info(role::UNKNOWN);
+            info.closer = current_task();
+            info.close = close_kind::ACTIVE;
+            info.flags = CLOSER_SET | CLOSED;
+            info.oldstate = old;
+            remember(cookie, &info);
+        }
+        return;
+    };
+    let mut i = unsafe { *info };
+    let closed_first = i.flags & CLOSER_SET != 0;
+    let finish = |reason: NoTwReason, i: &ConnInfo| {
+        if let Some(conn) = read_conn(skc, Some(conf!(off.inet_sport))) {
+            submit_no_tw(cookie, &conn, i, reason, old);
+        }
+        let _ = CONNS.remove(cookie);
+    };
+    if i.flags & TW_ENTERED != 0 {
+        let _ = CONNS.remove(cookie);
+    } else if i.flags & RST_SENT != 0
+        && matches!(
+            old,
+            ESTABLISHED | SYN_RECV | FIN_WAIT1 | FIN_WAIT2 | CLOSING
+        )
+    {
+        if !closed_first {
+            i.closer = current_task();
+            i.close = close_kind::ACTIVE;
+        }
+        finish(NoTwReason::Abort, &i);
+    } else if closed_first && i.flags & RST_RECEIVED != 0 {
+        finish(NoTwReason::PeerReset, &i);
+    } else if closed_first && matches!(old, FIN_WAIT2 | CLOSING) && tw_buckets_full(skc) {
+        finish(NoTwReason::Overflow, &i);
+    } else if matches!(
+        old,
+        ESTABLISHED | SYN_RECV | FIN_WAIT1 | FIN_WAIT2 | CLOSING
+    ) {
+        // A RST may follow (tcp_close with unread data, SO_LINGER 0, TCP_LINGER2 < 0).
+        if !closed_first {
+            if is_self() {
+                let _ = CONNS.remove(cookie);
+                return;
+            }
+            i.closer = current_task();
+            i.close = close_kind::ACTIVE;
+            i.flags |= CLOSER_SET;
+        }
+        i.flags |= CLOSED;
+        i.oldstate = old;
+        unsafe { *info = i };
+    } else {
+        let _ = CONNS.remove(cookie);
+    }
+}
+
+/// The test `inet_twsk_alloc` makes before giving up on a TIME_WAIT (`refs - 1 >= max`).
+#[inline(always)]
+fn tw_buckets_full(skc: u64) -> bool {
+    let Some(net) = read::<u64>(skc + conf!(off.skc_net) as u64) else {
+        return false;
+    };
+    let (Some(refs), Some(max)) = (
+        read::<i32>(net + conf!(off.net_tw_refcount) as u64),
+        read::<i32>(net + conf!(off.net_max_tw_buckets) as u64),
+    ) else {
+        return false;
+    };
+    refs > max
+}
+
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
+    let sk: *mut c_void = ctx.arg(0);
+    if sk.is_null() {
+        return 0;
+    }
+    let skc = sk as u64;
+    let Some(state) = read::<u8>(skc + conf!(off.skc_state) as u64) else {
+        return 0;
+    };
+    if state == tcp_state::TIME_WAIT {
+        // A TIME_WAIT answering a SYN or data with a RST is killed right after, on this CPU.
+        if let Some(p) = PERCPU.get_ptr_mut(0) {
+            unsafe {
+                (*p).rst_tw = skc;
+                (*p).rst_ts = now_ns();
+            }
+        }
+        return 0;
+    }
+    if state == tcp_state::NEW_SYN_RECV || state == tcp_state::LISTEN {
+        return 0;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    match CONNS.get_ptr_mut(cookie) {
+        Some(info) => {
+            let i = unsafe { *info };
+            if i.flags & CLOSED != 0 {
+                // The state went to CLOSE first (tcp_close, tcp_disconnect): an abort.
+                if let Some(conn) = read_conn(skc, Some(conf!(off.inet_sport))) {
+                    submit_no_tw(cookie, &conn, &i, NoTwReason::Abort, i.oldstate);
+                }
+                let _ = CONNS.remove(cookie);
+            } else {
+                unsafe { (*info).flags |= RST_SENT };
+            }
+        }
+        None => {
+            // A connection twtrace never saw opening or closing, reset before CLOSE.
+            if is_self() {
+                return 0;
+            }
+            let mut info = new_conn_info(role::UNKNOWN);
+            info.closer = current_task();
+            info.close = close_kind::ACTIVE;
+            info.flags = RST_SENT | CLOSER_SET;
+            remember(cookie, &info);
+        }
+    }
+    0
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    let sk: *mut c_void = ctx.arg(0);
+    if sk.is_null() {
+        return 0;
+    }
+    let cookie: u64 = read(sk as u64 + conf!(off.skc_cookie) as u64).unwrap_or(0);
+    if cookie != 0
+        && let Some(info) = CONNS.get_ptr_mut(cookie)
+    {
+        unsafe { (*info).flags |= RST_RECEIVED };
+    }
+    0
+}
+
+// --- TIME_WAIT sockets, through their timer --------------------------------------------------
+
+#[btf_tracepoint(function = "timer_start")]
+pub fn timer_start(ctx: BtfTracePointContext) -> i32 {
+    let timer: u64 = ctx.arg(0);
+    let Some(func) = timer_function(timer) else {
+        return 0;
+    };
+    if func == conf!(tw_timer_handler) {
+        on_tw_start(&ctx, timer);
+    } else if func == conf!(reqsk_timer_handler) {
+        on_reqsk_start(timer);
+    } else {
+        flush_stale_stash();
+    }
+    0
+}
+
+#[btf_tracepoint(function = "timer_cancel")]
+pub fn timer_cancel(ctx: BtfTracePointContext) -> i32 {
+    let timer: u64 = ctx.arg(0);
+    match timer_function(timer) {
+        Some(f) if f == conf!(tw_timer_handler) => on_tw_cancel(timer),
+        Some(_) => flush_stale_stash(),
+        None => {}
+    }
+    0
+}
+
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
+    let timer: u64 = ctx.arg(0);
+    match timer_function(timer) {
+        Some(f) if f == conf!(tw_timer_handler) => on_tw_expire(&ctx, timer),
+        Some(_) => flush_stale_stash(),
+        None => {}
+    }
+    0
+}
+
+#[inline(always)]
+fn timer_function(timer: u64) -> Option<u64> {
+    if timer == 0 {
+        return None;
+    }
+    read(timer + conf!(off.timer_function) as u64)
+}
+
+#[inline(always)]
+fn tw_of(timer: u64) -> u64 {
+    timer - conf!(off.tw_timer) as u64
+}
+
+#[inline(always)]
+fn timer_left(timer: u64) -> u32 {
+    let expires: u64 = read(timer + conf!(off.timer_expires) as u64).unwrap_or(0);
+    let now = unsafe { bpf_jiffies64() };
+    expires.saturating_sub(now) as u32
+}
+
+#[inline(always)]
+fn on_tw_start<C: EbpfContext>(ctx: &C, timer: u64) {
+    let tw = tw_of(timer);
+    let cookie: u64 = read(tw + conf!(off.skc_cookie) as u64).unwrap_or(0);
+    let substate: u8 = read(tw + conf!(off.tw_substate) as u64).unwrap_or(0);
+    let Some(p) = PERCPU.get_ptr_mut(0) else {
+        return;
+    };
+    let stash = unsafe { &mut *p };
+    if stash.timer == timer && stash.cookie == cookie {
+        // cancel + start of the same timer: pushed back (mod_timer_pending).
+        stash.timer = 0;
+        let Some(conn) = read_conn(tw, None) else {
+            return;
+        };
+        if conn_passes(&conn) {
+            submit_update(
+                EventKind::TwResched,
+                stash.ts,
+                cookie,
+                tw,
+                &stash.by,
+                substate,
+                0,
+                timer_left(timer),
+            );
+        }
+        return;
+    }
+    flush_stash(stash);
+    let Some(conn) = read_conn(tw, None) else {
+        return;
+    };
+    if !conn_passes(&conn) {
+        return;
+    }
+    let (info, flags) = match CONNS.get_ptr_mut(cookie) {
+        Some(info) if cookie != 0 => unsafe {
+            (*info).flags |= TW_ENTERED;
+            let attributed = if (*info).flags & CLOSER_SET != 0 {
+                OPEN_ATTRIBUTED
+            } else {
+                0
+            };
+            (*info, attributed)
+        },
+        _ => (new_conn_info(role::UNKNOWN), 0),
+    };
+    if !task_passes(&info.closer) {
+        return;
+    }
+    let close =
+        if info.close == close_kind::UNKNOWN && substate == tcp_state::TIME_WAIT && flags != 0 {
+            close_kind::ACTIVE
+        } else {
+            info.close
+        };
+    match EVENTS.reserve::<TwOpen>(0) {
+        Some(mut e) => {
+            e.write(TwOpen {
+                hdr: header(EventKind::TwEnter, now_ns()),
+                cookie,
+                tw,
+                conn,
+                closer: info.closer,
+                role: info.role,
+                close,
+                substate,
+                flags,
+                timeout_jiffies: timer_left(timer),
+            });
+            e.submit(0);
+        }
+        None => count(counter::RINGBUF_FULL),
+    }
+    if conf!(verbose) != 0 {
+        debug!(
+            ctx,
+            "tw enter cookie={} lport={} rport={} pid={}",
+            cookie,
+            conn.lport,
+            conn.rport,
+            info.closer.pid
+        );
+    }
+}
+
+#[inline(always)]
+fn on_tw_cancel(timer: u64) {
+    let tw = tw_of(timer);
+    let Some(p) = PERCPU.get_ptr_mut(0) else {
+        return;
+    };
+    let stash = unsafe { &mut *p };
+    flush_stash(stash);
+    let Some(conn) = read_conn(tw, None) else {
+        return;
+    };
+    if !conn_passes(&conn) {
+        return;
+    }
+    let cookie: u64 = read(tw + conf!(off.skc_cookie) as u64).unwrap_or(0);
+    let substate: u8 = read(tw + conf!(off.tw_substate) as u64).unwrap_or(0);
+    let ts = now_ns();
+    let by = current_task();
+    // Causes that are plain now.
+    if netns_dying(tw) {
+        submit_update(
+            EventKind::TwEnd,
+            ts,
+            cookie,
+            tw,
+            &by,
+            substate,
+            EndReason::Purged as u8,
+            0,
+        );
+        return;
+    }
+    if stash.rst_tw == tw && ts.wrapping_sub(stash.rst_ts) < STASH_MAX_NS {
+        stash.rst_tw = 0;
+        submit_update(
+            EventKind::TwEnd,
+            ts,
+            cookie,
+            tw,
+            &by,
+            substate,
+            EndReason::Reset as u8,
+            0,
+        );
+        return;
+    }
+    // Expiry, re-arm, reuse by connect(), SYN recycle or RST assassination: settled by what
+    // follows. A re-arm in softirq on top of a task that just connected to the same peer looks
+    // like a reuse until its timer_start arrives, so even a reuse waits for the next event.
+    stash.timer = timer;
+    stash.tw = tw;
+    stash.cookie = cookie;
+    stash.ts = ts;
+    stash.by = by;
+    stash.conn = conn;
+    stash.substate = substate;
+    stash.reuse = reused_by_current_connect(&conn, ts) as u8;
+}
+
+#[inline(always)]
+fn on_tw_expire<C: EbpfContext>(ctx: &C, timer: u64) {
+    let tw = tw_of(timer);
+    let Some(p) = PERCPU.get_ptr_mut(0) else {
+        return;
+    };
+    let stash = unsafe { &mut *p };
+    if stash.timer != timer {
+        // Not parked by a cancel of ours (filtered out, or the cancel was missed).
+        flush_stash(stash);
+        let Some(conn) = read_conn(tw, None) else {
+            return;
+        };
+        if !conn_passes(&conn) {
+            return;
+        }
+        let cookie: u64 = read(tw + conf!(off.skc_cookie) as u64).unwrap_or(0);
+        let substate: u8 = read(tw + conf!(off.tw_substate) as u64).unwrap_or(0);
+        submit_update(
+            EventKind::TwEnd,
+            now_ns(),
+            cookie,
+            tw,
+            &Task::default(),
+            substate,
+            EndReason::Expired as u8,
+            0,
+        );
+        return;
+    }
+    stash.timer = 0;
+    submit_update(
+        EventKind::TwEnd,
+        stash.ts,
+        stash.cookie,
+        tw,
+        &Task::default(),
+        stash.substate,
+        EndReason::Expired as u8,
+        0,
+    );
+    if conf!(verbose) != 0 {
+        debug!(ctx, "tw expired cookie={}", stash.cookie);
+    }
+}
+
+/// A listener arming a request socket's timer right after a TIME_WAIT on the same 4-tuple was
+/// killed in this softirq: the SYN recycled it.
+#[inline(always)]
+fn on_reqsk_start(timer: u64) {
+    let Some(p) = PERCPU.get_ptr_mut(0) else {
+        return;
+    };
+    let stash = unsafe { &mut *p };
+    if stash.timer == 0 {
+        return;
+    }
+    let req = timer - conf!(off.rsk_timer) as u64;
+    let Some(c) = read_conn(req, None) else {
+        flush_stale_stash();
+        return;
+    };
+    let s = &stash.conn;
+    if c.netns == s.netns
+        && c.lport == s.lport
+        && c.rport == s.rport
+        && c.raddr == s.raddr
+        && c.laddr == s.laddr
+    {
+        stash.timer = 0;
+        submit_update(
+            EventKind::TwEnd,
+            stash.ts,
+            stash.cookie,
+            stash.tw,
+            &stash.by,
+            stash.substate,
+            EndReason::Recycled as u8,
+            0,
+        );
+    } else {
+        flush_stash(stash);
+    }
+}
+
+/// Emits a parked cancel that nothing settled: the TIME_WAIT was killed, by the connect() it
+/// was parked with, or else by a RST it received.
+#[inline(always)]
+fn flush_stash(stash: &mut PerCpu) {
+    if stash.timer != 0 {
+        stash.timer = 0;
+        let end = if stash.reuse != 0 {
+            EndReason::Reused
+        } else {
+            EndReason::Reset
+        };
+        submit_update(
+            EventKind::TwEnd,
+            stash.ts,
+            stash.cookie,
+            stash.tw,
+            &stash.by,
+            stash.substate,
+            end as u8,
+            0,
+        );
+    }
+}
+
+/// Called on timer events that are not a parked TIME_WAIT's own. A re-arm's timer_start comes
+/// right after its cancel (same lock, interrupts off), so anything else settles a parked reuse
+/// at once. An expiry's expire_entry may be preceded by a hard interrupt's timers, so other
+/// parked cancels wait a little.
+#[inline(always)]
+fn flush_stale_stash() {
+    if let Some(p) = PERCPU.get_ptr_mut(0) {
+        let stash = unsafe { &mut *p };
+        if stash.timer != 0 && (stash.reuse != 0 || now_ns().wrapping_sub(stash.ts) > STASH_MAX_NS)
+        {
+            flush_stash(stash);
+        }
+    }
+}
+
+#[inline(always)]
+fn netns_dying(skc: u64) -> bool {
+    let Some(net) = read::<u64>(skc + conf!(off.skc_net) as u64) else {
+        return false;
+    };
+    read::<i32>(net + conf!(off.net_ns_refcount) as u64) == Some(0)
+}
+
+#[inline(always)]
+fn reused_by_current_connect(tw: &Conn, now: u64) -> bool {
+    let Some(c) = (unsafe { CONNECTING.get(bpf_get_current_pid_tgid()) }) else {
+        return false;
+    };
+    now.wrapping_sub(c.ts) < CONNECTING_MAX_NS
+        && c.netns == tw.netns
+        && c.family == tw.family
+        && c.dport == tw.rport
+        && c.daddr == tw.raddr
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn submit_update(
+    kind: EventKind,
+    ts: u64,
+    cookie: u64,
+    tw: u64,
+    by: &Task,
+    substate: u8,
+    end: u8,
+    timeout_jiffies: u32,
+) {
+    match EVENTS.reserve::<TwUpdate>(0) {
+        Some(mut e) => {
+            e.write(TwUpdate {
+                hdr: header(kind, ts),
+                cookie,
+                tw,
+                by: *by,
+                substate,
+                end,
+                _pad: [0; 2],
+                timeout_jiffies,
+            });
+            e.submit(0);
+        }
+        None => count(counter::RINGBUF_FULL),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
