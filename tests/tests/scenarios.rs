@@ -33,7 +33,6 @@ fn one_time_wait(t: &Trace, port: u64, timeout: Duration) -> Value {
 
 fn assert_identity(r: &Value, ns: &Netns, load: &Value, role: &str) {
     assert_eq!(r["netns"].as_u64(), Some(ns.inode), "{r}");
-    assert_eq!(r["family"], "ipv4");
     assert_eq!(r["pid"].as_u64(), Some(pid(load)), "closer pid: {r}");
     assert_eq!(r["comm"], "twload", "{r}");
     assert_eq!(r["role"], role, "{r}");
@@ -51,6 +50,7 @@ fn client_closes_first_and_expires_after_60s() {
     let load = ns.twload(&["client-first"]);
     let r = one_time_wait(&t, port(&load), Duration::from_secs(90));
     assert_identity(&r, &ns, &load, "client");
+    assert_eq!(r["family"], "ipv4");
     assert_eq!(r["lport"].as_u64(), Some(port(&load)));
     assert_eq!(r["rport"], 8080);
     assert_eq!(r["substate"], "time_wait");
@@ -276,4 +276,81 @@ fn churn_count_equals_kernel_counters_with_no_loss() {
     );
     assert_eq!(summary["undecodable"], 0);
     assert_eq!(summary["totals"]["preexisting"], 0);
+}
+
+#[test]
+fn ipv6_time_wait_is_traced() {
+    if !can_run() {
+        return;
+    }
+    let mut ns = Netns::new("ipv6");
+    let t = Trace::start(&ns, &[]);
+    let load = ns.twload(&["client-first", "[::1]:8080"]);
+    ns.delete();
+    let r = one_time_wait(&t, port(&load), WAIT);
+    assert_identity(&r, &ns, &load, "client");
+    assert_eq!(r["family"], "ipv6", "{r}");
+    assert_eq!(r["laddr"], "::1");
+    assert_eq!(r["raddr"], "::1");
+    assert_eq!(r["end"], "purged");
+    t.stop();
+}
+
+#[test]
+fn kernel_filters_keep_only_what_was_asked() {
+    if !can_run() {
+        return;
+    }
+    let mut ns = Netns::new("filter");
+    // Only remote port 8081, IPv4: the TIME_WAIT towards 8080 and the IPv6 one are filtered
+    // in the kernel.
+    let t = Trace::start(&ns, &["-D", "8081", "-4"]);
+    let skipped = ns.twload(&["client-first", "127.0.0.1:8080"]);
+    let skipped6 = ns.twload(&["client-first", "[::1]:8081"]);
+    let kept = ns.twload(&["client-first", "127.0.0.1:8081"]);
+    // A pid filter naming another process keeps nothing.
+    let by_pid = Trace::start(&ns, &["--pid", "1"]);
+    let _ = ns.twload(&["client-first", "127.0.0.1:8082"]);
+    ns.delete();
+    let r = one_time_wait(&t, port(&kept), WAIT);
+    assert_eq!(r["rport"], 8081);
+    let (recs, _) = t.stop();
+    for other in [&skipped, &skipped6] {
+        assert!(
+            with_port(&recs, "time_wait", port(other)).is_empty(),
+            "{recs:#?}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let (recs, _) = by_pid.stop();
+    let summary = recs.last().unwrap();
+    assert_eq!(summary["type"], "summary");
+    assert_eq!(recs.len(), 1, "only the summary: {recs:#?}");
+    assert_eq!(summary["totals"]["entered"], 0);
+}
+
+#[test]
+fn without_privileges_it_says_so_in_one_line() {
+    if !can_run() {
+        return;
+    }
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(twtrace_integration::twtrace_bin())
+        .arg("trace")
+        .output()
+        .expect("setpriv");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("needs root") && err.contains("sudo"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
 }

@@ -32,7 +32,7 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
-use aya_log_ebpf::debug;
+use aya_log_ebpf::info;
 use twtrace_ebpf::{
     AF_INET, AF_INET6, COMM_LEN, Config, Conn, EndReason, EventHeader, EventKind, NoTw, NoTwReason,
     OPEN_ATTRIBUTED, Task, TwOpen, TwUpdate, close_kind, counter, role, tcp_state,
@@ -73,6 +73,8 @@ const RST_SENT: u8 = 4;
 const RST_RECEIVED: u8 = 8;
 /// Went to CLOSE without a TIME_WAIT; a RST sent right after makes it an abort.
 const CLOSED: u8 = 16;
+/// Closed by twtrace itself: none of its TIME_WAITs or aborts are reported.
+const IGNORED: u8 = 32;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -274,7 +276,7 @@ fn task_passes(t: &Task) -> bool {
 
 #[inline(always)]
 fn submit_no_tw(cookie: u64, conn: &Conn, info: &ConnInfo, reason: NoTwReason, oldstate: u8) {
-    if !conn_passes(conn) || !task_passes(&info.closer) {
+    if info.flags & IGNORED != 0 || !conn_passes(conn) || !task_passes(&info.closer) {
         return;
     }
     match EVENTS.reserve::<NoTw>(0) {
@@ -389,6 +391,9 @@ fn on_set_state(sk: *mut c_void, old: u8, new: u8) {
         (_, FIN_WAIT1) => {
             // close() or shutdown(): process context, the task is the closer.
             if is_self() {
+                let mut info = new_conn_info(role::UNKNOWN);
+                info.flags = CLOSER_SET | IGNORED;
+                remember(cookie, &info);
                 return;
             }
             let closer = current_task();
@@ -667,7 +672,7 @@ fn on_tw_start<C: EbpfContext>(ctx: &C, timer: u64) {
         },
         _ => (new_conn_info(role::UNKNOWN), 0),
     };
-    if !task_passes(&info.closer) {
+    if info.flags & IGNORED != 0 || !task_passes(&info.closer) {
         return;
     }
     let close =
@@ -695,7 +700,7 @@ fn on_tw_start<C: EbpfContext>(ctx: &C, timer: u64) {
         None => count(counter::RINGBUF_FULL),
     }
     if conf!(verbose) != 0 {
-        debug!(
+        info!(
             ctx,
             "tw enter cookie={} lport={} rport={} pid={}",
             cookie,
@@ -807,7 +812,7 @@ fn on_tw_expire<C: EbpfContext>(ctx: &C, timer: u64) {
         0,
     );
     if conf!(verbose) != 0 {
-        debug!(ctx, "tw expired cookie={}", stash.cookie);
+        info!(ctx, "tw expired cookie={}", stash.cookie);
     }
 }
 
