@@ -255,14 +255,7 @@ impl<C: Clock> Aggregator<C> {
         };
         let tw = AliveTw {
             key,
-            conn: Endpoints {
-                netns: s.netns,
-                family: s.family,
-                laddr: s.laddr,
-                lport: s.lport,
-                raddr: s.raddr,
-                rport: s.rport,
-            },
+            conn: s.conn,
             closer: None,
             role: Role::Unknown,
             close: CloseKind::Unknown,
@@ -476,12 +469,7 @@ pub(crate) mod tests {
 
     fn existing(cookie: u64, remaining_ms: u32) -> TwExisting {
         TwExisting {
-            netns: 1,
-            family: Family::Ipv4,
-            laddr: IpAddr::from([127, 0, 0, 1]),
-            lport: 1,
-            raddr: IpAddr::from([127, 0, 0, 1]),
-            rport: 2,
+            conn: conn(1),
             cookie,
             substate: Substate::TimeWait,
             remaining_ms,

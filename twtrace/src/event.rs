@@ -226,12 +226,7 @@ pub struct NoTimeWait {
 /// A TIME_WAIT found by the start-up scan (sock_diag).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TwExisting {
-    pub netns: u32,
-    pub family: Family,
-    pub laddr: IpAddr,
-    pub lport: u16,
-    pub raddr: IpAddr,
-    pub rport: u16,
+    pub conn: Endpoints,
     pub cookie: u64,
     pub substate: Substate,
     /// Time left on its timer when scanned.

@@ -88,10 +88,10 @@ impl LiveSource {
                     let sockets: Vec<TwExisting> = if self.filters.on_process() {
                         Vec::new()
                     } else {
-                        sockets.into_iter().filter(|s| self.filters.matches_conn(&crate::event::Endpoints {
-                            netns: s.netns, family: s.family, laddr: s.laddr, lport: s.lport,
-                            raddr: s.raddr, rport: s.rport,
-                        })).collect()
+                        sockets
+                            .into_iter()
+                            .filter(|s| self.filters.matches_conn(&s.conn))
+                            .collect()
                     };
                     out.push(Event::TwExisting { ts_ns, sockets });
                 }

@@ -30,12 +30,16 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
         FALLBACK_HZ
     });
     let mut agg = Aggregator::new(MonotonicClock, hz);
-    let tb = TimeBase::now();
-    let mut cgroups = CgroupNames::default();
-    let mut stdout = BufWriter::new(io::stdout().lock());
+    let mut printer = Printer {
+        json: args.json,
+        tb: TimeBase::now(),
+        cgroups: CgroupNames::default(),
+        out: BufWriter::new(io::stdout().lock()),
+        records: Vec::new(),
+    };
     if !args.json {
-        writeln!(stdout, "{}", lines::HEADER)?;
-        stdout.flush()?;
+        writeln!(printer.out, "{}", lines::HEADER)?;
+        printer.out.flush()?;
     }
     eprintln!("twtrace: tracing TIME_WAIT; Ctrl-C to stop");
 
@@ -50,7 +54,6 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut events = Vec::new();
-    let mut records = Vec::new();
     let mut reported = Loss::default();
 
     loop {
@@ -64,29 +67,14 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = &mut deadline => break,
         }
-        if emit(
-            &mut agg,
-            &mut events,
-            &mut records,
-            args.json,
-            &tb,
-            &mut cgroups,
-            &mut stdout,
-        )? {
+        if printer.emit(&mut agg, &mut events)? {
             return Ok(()); // the reader went away (e.g. `| head`)
         }
     }
     // What the kernel wrote before we stopped still counts.
     source.drain(&mut events);
-    emit(
-        &mut agg,
-        &mut events,
-        &mut records,
-        args.json,
-        &tb,
-        &mut cgroups,
-        &mut stdout,
-    )?;
+    printer.emit(&mut agg, &mut events)?;
+    let mut stdout = printer.out;
     let loss = source.loss();
     if args.json {
         // A last object with the totals, so a consumer knows what the stream covered and lost.
@@ -104,36 +92,43 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Feeds events to the aggregator and prints its records. Returns true on a broken pipe.
-fn emit(
-    agg: &mut Aggregator<MonotonicClock>,
-    events: &mut Vec<twtrace::event::Event>,
-    records: &mut Vec<Record>,
-    as_json: bool,
-    tb: &TimeBase,
-    cgroups: &mut CgroupNames,
-    out: &mut impl io::Write,
-) -> anyhow::Result<bool> {
-    for e in events.drain(..) {
-        agg.ingest(e, records);
-    }
-    if records.is_empty() {
-        return Ok(false);
-    }
-    let mut write = || -> io::Result<()> {
-        for r in records.drain(..) {
-            if as_json {
-                writeln!(out, "{}", json::line(&r, tb, cgroups))?;
-            } else {
-                writeln!(out, "{}", lines::line(&r, tb))?;
-            }
+/// Prints the aggregator's records as they come.
+struct Printer<W: io::Write> {
+    json: bool,
+    tb: TimeBase,
+    cgroups: CgroupNames,
+    out: W,
+    records: Vec<Record>,
+}
+
+impl<W: io::Write> Printer<W> {
+    /// Feeds events to the aggregator and prints its records. Returns true on a broken pipe.
+    fn emit(
+        &mut self,
+        agg: &mut Aggregator<MonotonicClock>,
+        events: &mut Vec<twtrace::event::Event>,
+    ) -> anyhow::Result<bool> {
+        for e in events.drain(..) {
+            agg.ingest(e, &mut self.records);
         }
-        out.flush()
-    };
-    match write() {
-        Ok(()) => Ok(false),
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(true),
-        Err(e) => Err(e).context("writing output"),
+        if self.records.is_empty() {
+            return Ok(false);
+        }
+        let mut write = || -> io::Result<()> {
+            for r in self.records.drain(..) {
+                if self.json {
+                    writeln!(self.out, "{}", json::line(&r, &self.tb, &mut self.cgroups))?;
+                } else {
+                    writeln!(self.out, "{}", lines::line(&r, &self.tb))?;
+                }
+            }
+            self.out.flush()
+        };
+        match write() {
+            Ok(()) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(true),
+            Err(e) => Err(e).context("writing output"),
+        }
     }
 }
 

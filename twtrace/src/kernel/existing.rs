@@ -7,7 +7,7 @@
 use std::{io, mem, net::IpAddr, path::Path};
 
 use super::netns;
-use crate::event::{Family, Substate, TwExisting};
+use crate::event::{Endpoints, Family, Substate, TwExisting};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_ERROR: u16 = 2;
@@ -180,12 +180,14 @@ fn to_existing(m: &DiagMsg, netns: u32) -> Option<TwExisting> {
         (Family::Ipv6, IpAddr::from(m.id.src), IpAddr::from(m.id.dst))
     };
     Some(TwExisting {
-        netns,
-        family,
-        laddr,
-        lport: u16::from_be_bytes(m.id.sport),
-        raddr,
-        rport: u16::from_be_bytes(m.id.dport),
+        conn: Endpoints {
+            netns,
+            family,
+            laddr,
+            lport: u16::from_be_bytes(m.id.sport),
+            raddr,
+            rport: u16::from_be_bytes(m.id.dport),
+        },
         cookie: (m.id.cookie[1] as u64) << 32 | m.id.cookie[0] as u64,
         substate: Substate::from_tcp_state(m.state),
         remaining_ms: m.expires,
