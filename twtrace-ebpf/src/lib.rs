@@ -227,6 +227,10 @@ pub struct NoTw {
     pub _pad: u32,
 }
 
+/// The kernel programs read the start of a `sock_common` in one go; every `skc_*` field they
+/// use must lie in these first bytes (checked at load time).
+pub const SKC_BLOCK: usize = 128;
+
 /// Indices into the per-CPU `COUNTERS` array: things the kernel side could not do.
 pub mod counter {
     /// `bpf_ringbuf_reserve` failed: an event was dropped.
@@ -249,6 +253,8 @@ pub struct Config {
     pub reqsk_timer_handler: u64,
     pub off: Offsets,
     pub filter: Filter,
+    /// Wake the reader once this many bytes are waiting in the ring buffer.
+    pub wakeup_bytes: u64,
     /// twtrace's own process id, whose activity is ignored.
     pub self_pid: u32,
     /// Non-zero: emit aya-log diagnostics.

@@ -20,6 +20,7 @@ use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
@@ -35,7 +36,7 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use twtrace_ebpf::{
     AF_INET, AF_INET6, COMM_LEN, Config, Conn, EndReason, EventHeader, EventKind, NoTw, NoTwReason,
-    OPEN_ATTRIBUTED, Task, TwOpen, TwUpdate, close_kind, counter, role, tcp_state,
+    OPEN_ATTRIBUTED, SKC_BLOCK, Task, TwOpen, TwUpdate, close_kind, counter, role, tcp_state,
 };
 
 /// Filled in by userspace at load time (offsets from BTF, addresses from kallsyms, filters).
@@ -49,20 +50,38 @@ macro_rules! conf {
     };
 }
 
+/// Per-CPU LRU lists: no global lock shared by every CPU's connect() and close().
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
 /// Connections this host may close first, by socket cookie. Entries go at CLOSE.
 #[map]
-static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(262_144, 0);
-
-/// Tasks between CLOSE->SYN_SENT and the end of connect(), by pid_tgid: a TIME_WAIT killed in
-/// such a task's context towards the same destination was reused by that connect().
-#[map]
-static CONNECTING: LruHashMap<u64, Connecting> = LruHashMap::with_max_entries(16_384, 0);
+static CONNS: LruHashMap<u64, ConnInfo> =
+    LruHashMap::with_max_entries(262_144, BPF_F_NO_COMMON_LRU);
 
 #[map]
 static PERCPU: PerCpuArray<PerCpu> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where `read_conn` puts the block it reads (too big for the 512-byte BPF stack). One slot per
+/// program: different programs can nest on a CPU (an interrupt during another program).
+#[map]
+static SCRATCH: PerCpuArray<[u8; SKC_BLOCK]> = PerCpuArray::with_max_entries(Slot::COUNT, 0);
+
+#[derive(Clone, Copy)]
+#[repr(u32)]
+enum Slot {
+    SetState = 0,
+    SendReset = 1,
+    TimerStart = 2,
+    TimerCancel = 3,
+    TimerExpire = 4,
+}
+
+impl Slot {
+    const COUNT: u32 = 5;
+}
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -87,18 +106,9 @@ struct ConnInfo {
     _pad: u32,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Connecting {
-    daddr: [u8; 16],
-    netns: u32,
-    dport: u16,
-    family: u16,
-    ts: u64,
-}
-
-/// A connect() older than this no longer explains a kill.
-const CONNECTING_MAX_NS: u64 = 2_000_000_000;
+/// A connect() older than this no longer explains a kill. From CLOSE->SYN_SENT to the port
+/// search that may kill a TIME_WAIT takes microseconds.
+const CONNECTING_MAX_NS: u64 = 10_000_000;
 /// A stash nothing settled within this long is flushed by any timer event on its CPU.
 const STASH_MAX_NS: u64 = 1_000_000;
 
@@ -119,6 +129,23 @@ struct PerCpu {
     /// The TIME_WAIT socket that just sent a RST (tcp_send_reset), and when.
     rst_tw: u64,
     rst_ts: u64,
+    /// The socket whose connect() just went CLOSE->SYN_SENT on this CPU, its task and when:
+    /// right after, the port search may kill a TIME_WAIT towards the same peer (a reuse).
+    connect_sk: u64,
+    connect_task: u64,
+    connect_ts: u64,
+}
+
+/// Waking the reader on every record costs an interrupt and a context switch per event, more
+/// than the rest of a program. Wake it only once a batch has built up; it also drains on a
+/// short timer, so quiet periods lose nothing but a little latency.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= conf!(wakeup_bytes) {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
 }
 
 #[inline(always)]
@@ -172,47 +199,59 @@ fn is_self() -> bool {
     (bpf_get_current_pid_tgid() >> 32) as u32 == conf!(self_pid)
 }
 
-/// Network namespace inode of a `sock_common`.
-#[inline(always)]
-fn netns_of(skc: u64) -> u32 {
-    let net: u64 = read(skc + conf!(off.skc_net) as u64).unwrap_or(0);
-    if net == 0 {
-        return 0;
+/// Identity of a `sock_common`. `sport_be_off`, when not 0, is where to read the big-endian
+/// local port: a full socket's `inet_sport` survives CLOSE, while `skc_num` is zeroed when the
+/// port is released. One read of the block that holds every `sock_common` field (userspace checks
+/// their offsets fit) costs about what one small read does.
+// Not inlined: its temporaries would otherwise share a frame with each caller's and overflow
+// the 512-byte BPF stack.
+#[inline(never)]
+fn read_conn(skc: u64, sport_be_off: u32, slot: Slot) -> Option<Conn> {
+    let b = unsafe { &mut *SCRATCH.get_ptr_mut(slot as u32)? };
+    if unsafe { bpf_probe_read_kernel_buf(skc as *const u8, b) }.is_err() {
+        count(counter::READ_FAIL);
+        return None;
     }
-    read(net + conf!(off.net_inum) as u64).unwrap_or(0)
-}
-
-/// Identity of a `sock_common`. `sport_off` is where to read the big-endian local port: a full
-/// socket's `inet_sport` survives CLOSE, while `skc_num` is zeroed when the port is released.
-#[inline(always)]
-fn read_conn(skc: u64, sport_be_off: Option<u32>) -> Option<Conn> {
-    let family: u16 = read(skc + conf!(off.skc_family) as u64)?;
+    let u16_at = |off: u32| {
+        let o = off as usize;
+        if o + 2 <= SKC_BLOCK {
+            u16::from_ne_bytes([b[o], b[o + 1]])
+        } else {
+            0
+        }
+    };
+    let bytes_at = |off: u32, out: &mut [u8]| {
+        let o = off as usize;
+        if o + out.len() <= SKC_BLOCK {
+            out.copy_from_slice(&b[o..o + out.len()]);
+        }
+    };
+    let family = u16_at(conf!(off.skc_family));
     let mut c = Conn {
         family,
+        rport: u16::from_be(u16_at(conf!(off.skc_dport))),
         ..Conn::default()
     };
-    let dport_be: u16 = read(skc + conf!(off.skc_dport) as u64)?;
-    c.rport = u16::from_be(dport_be);
-    c.lport = match sport_be_off {
-        Some(off) => u16::from_be(read::<u16>(skc + off as u64)?),
-        None => read(skc + conf!(off.skc_num) as u64)?,
+    c.lport = if sport_be_off != 0 {
+        u16::from_be(read::<u16>(skc + sport_be_off as u64)?)
+    } else {
+        u16_at(conf!(off.skc_num))
     };
     if family == AF_INET {
-        let d: [u8; 4] = read(skc + conf!(off.skc_daddr) as u64)?;
-        let s: [u8; 4] = read(skc + conf!(off.skc_rcv_saddr) as u64)?;
-        c.raddr[..4].copy_from_slice(&d);
-        c.laddr[..4].copy_from_slice(&s);
+        bytes_at(conf!(off.skc_daddr), &mut c.raddr[..4]);
+        bytes_at(conf!(off.skc_rcv_saddr), &mut c.laddr[..4]);
     } else if family == AF_INET6 {
-        let d = (skc + conf!(off.skc_v6_daddr) as u64) as *const u8;
-        let s = (skc + conf!(off.skc_v6_rcv_saddr) as u64) as *const u8;
-        unsafe {
-            bpf_probe_read_kernel_buf(d, &mut c.raddr).ok()?;
-            bpf_probe_read_kernel_buf(s, &mut c.laddr).ok()?;
-        }
+        bytes_at(conf!(off.skc_v6_daddr), &mut c.raddr);
+        bytes_at(conf!(off.skc_v6_rcv_saddr), &mut c.laddr);
     } else {
         return None;
     }
-    c.netns = netns_of(skc);
+    let mut net = [0u8; 8];
+    bytes_at(conf!(off.skc_net), &mut net);
+    let net = u64::from_ne_bytes(net);
+    if net != 0 {
+        c.netns = read(net + conf!(off.net_inum) as u64).unwrap_or(0);
+    }
     Some(c)
 }
 
@@ -274,28 +313,29 @@ fn task_passes(t: &Task) -> bool {
     true
 }
 
-#[inline(always)]
+#[inline(never)]
 fn submit_no_tw(cookie: u64, conn: &Conn, info: &ConnInfo, reason: NoTwReason, oldstate: u8) {
     if info.flags & IGNORED != 0 || !conn_passes(conn) || !task_passes(&info.closer) {
         return;
     }
-    match EVENTS.reserve::<NoTw>(0) {
-        Some(mut e) => {
-            e.write(NoTw {
-                hdr: header(EventKind::NoTw, now_ns()),
-                cookie,
-                conn: *conn,
-                closer: info.closer,
-                role: info.role,
-                close: info.close,
-                reason: reason as u8,
-                oldstate,
-                _pad: 0,
-            });
-            e.submit(0);
-        }
-        None => count(counter::RINGBUF_FULL),
+    let Some(mut e) = EVENTS.reserve::<NoTw>(0) else {
+        count(counter::RINGBUF_FULL);
+        return;
+    };
+    // Field by field into the reserved record: a whole struct would be built on the stack.
+    let r = e.as_mut_ptr();
+    unsafe {
+        (*r).hdr = header(EventKind::NoTw, now_ns());
+        (*r).cookie = cookie;
+        (*r).conn = *conn;
+        (*r).closer = info.closer;
+        (*r).role = info.role;
+        (*r).close = info.close;
+        (*r).reason = reason as u8;
+        (*r).oldstate = oldstate;
+        (*r)._pad = 0;
     }
+    e.submit(wakeup_flags());
 }
 
 #[inline(always)]
@@ -370,16 +410,12 @@ fn on_set_state(sk: *mut c_void, old: u8, new: u8) {
     match (old, new) {
         (CLOSE, SYN_SENT) => {
             remember(cookie, &new_conn_info(role::CLIENT));
-            // Destination is known, source port not yet: enough to recognise a reuse.
-            if let Some(c) = read_conn(skc, None) {
-                let v = Connecting {
-                    daddr: c.raddr,
-                    netns: c.netns,
-                    dport: c.rport,
-                    family: c.family,
-                    ts: now_ns(),
-                };
-                let _ = CONNECTING.insert(bpf_get_current_pid_tgid(), v, 0);
+            if let Some(p) = PERCPU.get_ptr_mut(0) {
+                unsafe {
+                    (*p).connect_sk = skc;
+                    (*p).connect_task = bpf_get_current_pid_tgid();
+                    (*p).connect_ts = now_ns();
+                }
             }
         }
         (LISTEN, SYN_RECV) => remember(cookie, &new_conn_info(role::SERVER)),
@@ -438,7 +474,7 @@ fn on_close(skc: u64, cookie: u64, old: u8) {
     let mut i = unsafe { *info };
     let closed_first = i.flags & CLOSER_SET != 0;
     let finish = |reason: NoTwReason, i: &ConnInfo| {
-        if let Some(conn) = read_conn(skc, Some(conf!(off.inet_sport))) {
+        if let Some(conn) = read_conn(skc, conf!(off.inet_sport), Slot::SetState) {
             submit_no_tw(cookie, &conn, i, reason, old);
         }
         let _ = CONNS.remove(cookie);
@@ -526,7 +562,7 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
             let i = unsafe { *info };
             if i.flags & CLOSED != 0 {
                 // The state went to CLOSE first (tcp_close, tcp_disconnect): an abort.
-                if let Some(conn) = read_conn(skc, Some(conf!(off.inet_sport))) {
+                if let Some(conn) = read_conn(skc, conf!(off.inet_sport), Slot::SendReset) {
                     submit_no_tw(cookie, &conn, &i, NoTwReason::Abort, i.oldstate);
                 }
                 let _ = CONNS.remove(cookie);
@@ -636,7 +672,7 @@ fn on_tw_start<C: EbpfContext>(ctx: &C, timer: u64) {
     if stash.timer == timer && stash.cookie == cookie {
         // cancel + start of the same timer: pushed back (mod_timer_pending).
         stash.timer = 0;
-        let Some(conn) = read_conn(tw, None) else {
+        let Some(conn) = read_conn(tw, 0, Slot::TimerStart) else {
             return;
         };
         if conn_passes(&conn) {
@@ -654,7 +690,7 @@ fn on_tw_start<C: EbpfContext>(ctx: &C, timer: u64) {
         return;
     }
     flush_stash(stash);
-    let Some(conn) = read_conn(tw, None) else {
+    let Some(conn) = read_conn(tw, 0, Slot::TimerStart) else {
         return;
     };
     if !conn_passes(&conn) {
@@ -681,24 +717,24 @@ fn on_tw_start<C: EbpfContext>(ctx: &C, timer: u64) {
         } else {
             info.close
         };
-    match EVENTS.reserve::<TwOpen>(0) {
-        Some(mut e) => {
-            e.write(TwOpen {
-                hdr: header(EventKind::TwEnter, now_ns()),
-                cookie,
-                tw,
-                conn,
-                closer: info.closer,
-                role: info.role,
-                close,
-                substate,
-                flags,
-                timeout_jiffies: timer_left(timer),
-            });
-            e.submit(0);
-        }
-        None => count(counter::RINGBUF_FULL),
+    let Some(mut e) = EVENTS.reserve::<TwOpen>(0) else {
+        count(counter::RINGBUF_FULL);
+        return;
+    };
+    let r = e.as_mut_ptr();
+    unsafe {
+        (*r).hdr = header(EventKind::TwEnter, now_ns());
+        (*r).cookie = cookie;
+        (*r).tw = tw;
+        (*r).conn = conn;
+        (*r).closer = info.closer;
+        (*r).role = info.role;
+        (*r).close = close;
+        (*r).substate = substate;
+        (*r).flags = flags;
+        (*r).timeout_jiffies = timer_left(timer);
     }
+    e.submit(wakeup_flags());
     if conf!(verbose) != 0 {
         info!(
             ctx,
@@ -719,7 +755,7 @@ fn on_tw_cancel(timer: u64) {
     };
     let stash = unsafe { &mut *p };
     flush_stash(stash);
-    let Some(conn) = read_conn(tw, None) else {
+    let Some(conn) = read_conn(tw, 0, Slot::TimerCancel) else {
         return;
     };
     if !conn_passes(&conn) {
@@ -767,7 +803,7 @@ fn on_tw_cancel(timer: u64) {
     stash.by = by;
     stash.conn = conn;
     stash.substate = substate;
-    stash.reuse = reused_by_current_connect(&conn, ts) as u8;
+    stash.reuse = reused_by_current_connect(stash, &conn, ts) as u8;
 }
 
 #[inline(always)]
@@ -780,7 +816,7 @@ fn on_tw_expire<C: EbpfContext>(ctx: &C, timer: u64) {
     if stash.timer != timer {
         // Not parked by a cancel of ours (filtered out, or the cancel was missed).
         flush_stash(stash);
-        let Some(conn) = read_conn(tw, None) else {
+        let Some(conn) = read_conn(tw, 0, Slot::TimerExpire) else {
             return;
         };
         if !conn_passes(&conn) {
@@ -828,7 +864,7 @@ fn on_reqsk_start(timer: u64) {
         return;
     }
     let req = timer - conf!(off.rsk_timer) as u64;
-    let Some(c) = read_conn(req, None) else {
+    let Some(c) = read_conn(req, 0, Slot::TimerStart) else {
         flush_stale_stash();
         return;
     };
@@ -902,16 +938,26 @@ fn netns_dying(skc: u64) -> bool {
     read::<i32>(net + conf!(off.net_ns_refcount) as u64) == Some(0)
 }
 
+/// Whether this CPU's task is inside a connect() to the same peer as the TIME_WAIT `tw`.
 #[inline(always)]
-fn reused_by_current_connect(tw: &Conn, now: u64) -> bool {
-    let Some(c) = (unsafe { CONNECTING.get(bpf_get_current_pid_tgid()) }) else {
+fn reused_by_current_connect(stash: &PerCpu, tw: &Conn, now: u64) -> bool {
+    if stash.connect_sk == 0
+        || stash.connect_task != bpf_get_current_pid_tgid()
+        || now.wrapping_sub(stash.connect_ts) > CONNECTING_MAX_NS
+    {
         return false;
-    };
-    now.wrapping_sub(c.ts) < CONNECTING_MAX_NS
-        && c.netns == tw.netns
-        && c.family == tw.family
-        && c.dport == tw.rport
-        && c.daddr == tw.raddr
+    }
+    // The connecting socket is alive (we are inside its connect()); its source port may not
+    // be chosen yet, its destination is.
+    match read_conn(stash.connect_sk, 0, Slot::TimerCancel) {
+        Some(c) => {
+            c.netns == tw.netns
+                && c.family == tw.family
+                && c.rport == tw.rport
+                && c.raddr == tw.raddr
+        }
+        None => false,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -926,22 +972,22 @@ fn submit_update(
     end: u8,
     timeout_jiffies: u32,
 ) {
-    match EVENTS.reserve::<TwUpdate>(0) {
-        Some(mut e) => {
-            e.write(TwUpdate {
-                hdr: header(kind, ts),
-                cookie,
-                tw,
-                by: *by,
-                substate,
-                end,
-                _pad: [0; 2],
-                timeout_jiffies,
-            });
-            e.submit(0);
-        }
-        None => count(counter::RINGBUF_FULL),
+    let Some(mut e) = EVENTS.reserve::<TwUpdate>(0) else {
+        count(counter::RINGBUF_FULL);
+        return;
+    };
+    let r = e.as_mut_ptr();
+    unsafe {
+        (*r).hdr = header(kind, ts);
+        (*r).cookie = cookie;
+        (*r).tw = tw;
+        (*r).by = *by;
+        (*r).substate = substate;
+        (*r).end = end;
+        (*r)._pad = [0; 2];
+        (*r).timeout_jiffies = timeout_jiffies;
     }
+    e.submit(wakeup_flags());
 }
 
 #[cfg(not(test))]

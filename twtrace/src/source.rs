@@ -12,7 +12,7 @@ use crate::{
     filter::Filters,
     kernel::{
         existing,
-        tracer::{Loss, Tracer, TracerError, TracerOptions},
+        tracer::{self, Loss, Tracer, TracerError, TracerOptions},
     },
 };
 
@@ -20,6 +20,7 @@ pub struct LiveSource {
     tracer: Tracer,
     ring: AsyncFd<RingBuf<MapData>>,
     scan: Option<JoinHandle<Vec<TwExisting>>>,
+    drain_timer: tokio::time::Interval,
     filters: Filters,
     decode_errors: u64,
 }
@@ -56,16 +57,20 @@ impl LiveSource {
             let only = filters.netns;
             tokio::task::spawn_blocking(move || existing::snapshot(only))
         });
+        let mut drain_timer = tokio::time::interval(tracer::DRAIN_EVERY);
+        drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(Self {
             tracer,
             ring,
             scan,
+            drain_timer,
             filters: filters.clone(),
             decode_errors: 0,
         })
     }
 
-    /// Waits until there is something to read, then appends every available event to `out`.
+    /// Waits until the kernel wakes us (a batch is waiting), the drain timer fires, or the
+    /// start-up scan is done, then appends every available event to `out`.
     pub async fn read(&mut self, out: &mut Vec<Event>) -> io::Result<()> {
         let scan_done = async {
             match self.scan.as_mut() {
@@ -78,6 +83,9 @@ impl LiveSource {
                 let mut guard = guard?;
                 Self::drain_ring(guard.get_inner_mut(), out, &mut self.decode_errors);
                 guard.clear_ready();
+            }
+            _ = self.drain_timer.tick() => {
+                Self::drain_ring(self.ring.get_mut(), out, &mut self.decode_errors);
             }
             scanned = scan_done => {
                 self.scan = None;

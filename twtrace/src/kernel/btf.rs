@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use btf_rs::{Btf, Type};
-use twtrace_ebpf::Offsets;
+use twtrace_ebpf::{Offsets, SKC_BLOCK};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -19,6 +19,14 @@ pub enum BtfError {
     NoMember { ty: String, path: String },
     #[error("kernel BTF: {ty}.{path} is a bitfield or goes through a pointer")]
     Unaddressable { ty: String, path: String },
+    #[error(
+        "this kernel's sock_common puts {field} at byte {offset}, beyond the {max} bytes twtrace reads: unsupported kernel"
+    )]
+    Layout {
+        field: &'static str,
+        offset: u32,
+        max: usize,
+    },
     #[error("kernel BTF is malformed: {0}")]
     Malformed(#[from] btf_rs::Error),
 }
@@ -136,7 +144,7 @@ impl KernelBtf {
     /// Every offset the kernel programs use.
     pub fn offsets(&self) -> Result<Offsets, BtfError> {
         let skc = |f: &str| self.offset_of("sock_common", f);
-        Ok(Offsets {
+        let o = Offsets {
             timer_function: self.offset_of("timer_list", "function")?,
             timer_expires: self.offset_of("timer_list", "expires")?,
             tw_timer: self.offset_of("inet_timewait_sock", "tw_timer")?,
@@ -160,8 +168,34 @@ impl KernelBtf {
             net_tw_refcount: self.offset_of("net", "ipv4.tcp_death_row.tw_refcount")?,
             net_max_tw_buckets: self
                 .offset_of("net", "ipv4.tcp_death_row.sysctl_max_tw_buckets")?,
-        })
+        };
+        check_block(&o)?;
+        Ok(o)
     }
+}
+
+/// The `sock_common` fields the programs read from their one block read, with their sizes.
+fn check_block(o: &Offsets) -> Result<(), BtfError> {
+    let fields = [
+        ("skc_daddr", o.skc_daddr, 4),
+        ("skc_rcv_saddr", o.skc_rcv_saddr, 4),
+        ("skc_dport", o.skc_dport, 2),
+        ("skc_num", o.skc_num, 2),
+        ("skc_family", o.skc_family, 2),
+        ("skc_net", o.skc_net, 8),
+        ("skc_v6_daddr", o.skc_v6_daddr, 16),
+        ("skc_v6_rcv_saddr", o.skc_v6_rcv_saddr, 16),
+    ];
+    for (field, offset, size) in fields {
+        if offset as usize + size > SKC_BLOCK {
+            return Err(BtfError::Layout {
+                field,
+                offset,
+                max: SKC_BLOCK,
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -189,6 +223,22 @@ mod tests {
         // tw_timer lies inside inet_timewait_sock, after its sock_common.
         assert!(o.tw_timer > o.skc_cookie);
         assert!(o.timer_function > o.timer_expires);
+    }
+
+    #[test]
+    fn fields_beyond_the_block_are_refused() {
+        let o = Offsets {
+            skc_v6_rcv_saddr: SKC_BLOCK as u32 - 8,
+            ..Offsets::default()
+        };
+        assert!(matches!(
+            check_block(&o),
+            Err(BtfError::Layout {
+                field: "skc_v6_rcv_saddr",
+                ..
+            })
+        ));
+        assert!(check_block(&Offsets::default()).is_ok());
     }
 
     #[test]

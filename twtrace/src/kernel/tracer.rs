@@ -88,12 +88,9 @@ pub enum TracerError {
     #[error("loading twtrace's eBPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
     #[error(
-        "the kernel refused BTF tracepoint {hook}: {source}. twtrace needs tp_btf programs (Linux 5.5+, CONFIG_BPF_EVENTS); run `twtrace check` for details"
+        "the kernel refused twtrace's program for tracepoint {hook} ({reason}); twtrace needs BTF tracepoints (tp_btf, Linux 5.5+); `twtrace -vv check` shows the verifier's log"
     )]
-    Attach {
-        hook: &'static str,
-        source: ProgramError,
-    },
+    Attach { hook: &'static str, reason: String },
     #[error("eBPF object has no {0}: the build is broken")]
     Missing(&'static str),
     #[error("reading eBPF map {0}: {1}")]
@@ -167,6 +164,13 @@ fn privileged() -> bool {
 }
 
 /// Resolves everything the programs need from the running kernel.
+/// The reader is woken when this share of the ring buffer is waiting (see `wakeup_flags` in
+/// the kernel programs); it also drains every [`DRAIN_EVERY`].
+const WAKEUP_DIVISOR: u64 = 16;
+/// How often the reader drains the ring buffer without being woken.
+pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+const DEFAULT_RING_BYTES: u32 = 8 << 20;
+
 pub fn kernel_config(opts: &TracerOptions) -> Result<Config, TracerError> {
     let btf = KernelBtf::load(Path::new(BTF_PATH))?;
     let syms = kallsyms::lookup(&["tw_timer_handler", "reqsk_timer_handler"])?;
@@ -175,6 +179,7 @@ pub fn kernel_config(opts: &TracerOptions) -> Result<Config, TracerError> {
         reqsk_timer_handler: syms["reqsk_timer_handler"],
         off: btf.offsets()?,
         filter: opts.filter,
+        wakeup_bytes: u64::from(opts.ring_bytes.unwrap_or(DEFAULT_RING_BYTES)) / WAKEUP_DIVISOR,
         self_pid: std::process::id(),
         verbose: opts.verbose as u32,
     })
@@ -212,15 +217,14 @@ impl Tracer {
             ..
         } in HOOKS
         {
+            let refused = |e: ProgramError| attach_error(tp, e);
             let prog: &mut BtfTracePoint = ebpf
                 .program_mut(program)
                 .ok_or(TracerError::Missing(program))?
                 .try_into()
-                .map_err(|source| TracerError::Attach { hook: tp, source })?;
-            prog.load(tp, &btf)
-                .map_err(|source| TracerError::Attach { hook: tp, source })?;
-            prog.attach()
-                .map_err(|source| TracerError::Attach { hook: tp, source })?;
+                .map_err(refused)?;
+            prog.load(tp, &btf).map_err(refused)?;
+            prog.attach().map_err(refused)?;
         }
         let ring = RingBuf::try_from(
             ebpf.take_map("EVENTS")
@@ -271,6 +275,21 @@ impl Tracer {
         }
         loss
     }
+}
+
+/// One line for the user; the verifier's log (often hundreds of lines) goes to the debug log.
+fn attach_error(hook: &'static str, e: ProgramError) -> TracerError {
+    let reason = match &e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            log::debug!("verifier log for {hook}:\n{verifier_log}");
+            format!("load failed: {io_error}")
+        }
+        other => other.to_string(),
+    };
+    TracerError::Attach { hook, reason }
 }
 
 /// `bpf_prog_info.recursion_misses`, which aya does not expose.
