@@ -276,3 +276,26 @@ pub fn with_port<'a>(recs: &'a [Value], ty: &str, port: u64) -> Vec<&'a Value> {
         .filter(|r| r["type"] == ty && (r["lport"] == port || r["rport"] == port))
         .collect()
 }
+
+/// TIME_WAIT sockets in `netns` towards remote port `rport`, as `ss` counts them.
+pub fn count_time_waits(netns: &Netns, rport: u16) -> usize {
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "ss",
+            "-Htan",
+            "state",
+            "time-wait",
+        ],
+    )
+    .lines()
+    .filter(|l| {
+        l.split_whitespace()
+            .nth(3)
+            .is_some_and(|r| r.ends_with(&format!(":{rport}")))
+    })
+    .count()
+}

@@ -354,3 +354,115 @@ fn without_privileges_it_says_so_in_one_line() {
         "{err}"
     );
 }
+
+#[test]
+fn exhausted_ports_fail_connect_attributed() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("exhaust");
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40001");
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+    let t = Trace::start(&ns, &[]);
+    let load = ns.twload(&["exhaust"]);
+    assert_eq!(load["errno"], 99, "the third connect must fail: {load}");
+    let recs = t.wait_for("a failed connect", WAIT, |r| {
+        r.iter().any(|r| r["type"] == "connect_failed")
+    });
+    let f = recs.iter().find(|r| r["type"] == "connect_failed").unwrap();
+    assert_eq!(f["errno"], 99);
+    assert_eq!(f["error"], "EADDRNOTAVAIL");
+    assert_eq!(f["pid"].as_u64(), Some(pid(&load)));
+    assert_eq!(f["comm"], "twload");
+    assert_eq!(f["netns"].as_u64(), Some(ns.inode));
+    assert_eq!(f["raddr"], "127.0.0.1");
+    assert_eq!(f["rport"], 8080);
+    assert!(f["time_wait_holding"].as_u64().unwrap() >= 1, "{f}");
+    // The advice names the failure and the setting that would avoid it.
+    let recs = t.wait_for("advice", WAIT, |r| r.iter().any(|r| r["type"] == "advice"));
+    let a = recs
+        .iter()
+        .find(|r| r["rule"] == "connect-eaddrnotavail")
+        .unwrap();
+    assert!(
+        a["text"]
+            .as_str()
+            .unwrap()
+            .contains("tcp_tw_reuse=1 (now 0)"),
+        "{a}"
+    );
+    t.stop();
+}
+
+#[test]
+fn restarted_server_bind_fails_without_so_reuseaddr() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("restart");
+    let t = Trace::start(&ns, &[]);
+    let without = ns.twload(&["restart", "127.0.0.1:9090"]);
+    assert_eq!(without["errno"], 98, "{without}");
+    let with = ns.twload(&["restart", "127.0.0.1:9091", "reuseaddr"]);
+    assert!(
+        with["errno"].is_null(),
+        "SO_REUSEADDR binds despite TIME_WAIT: {with}"
+    );
+    let recs = t.wait_for("a failed bind", WAIT, |r| {
+        r.iter().any(|r| r["type"] == "bind_failed")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (recs_all, _) = t.stop();
+    let binds: Vec<&Value> = recs_all
+        .iter()
+        .filter(|r| r["type"] == "bind_failed")
+        .collect();
+    assert_eq!(
+        binds.len(),
+        1,
+        "only the restart without SO_REUSEADDR fails: {binds:#?}"
+    );
+    let f = binds[0];
+    assert_eq!(f["errno"], 98);
+    assert_eq!(f["error"], "EADDRINUSE");
+    assert_eq!(f["pid"].as_u64(), Some(pid(&without)));
+    assert_eq!(f["comm"], "twload");
+    assert_eq!(f["lport"], 9090);
+    assert_eq!(f["laddr"], "127.0.0.1");
+    assert_eq!(f["netns"].as_u64(), Some(ns.inode));
+    assert!(f["time_wait_holding"].as_u64().unwrap() >= 1, "{f}");
+    assert!(recs.len() <= recs_all.len());
+    let advice = recs_all.iter().find(|r| r["rule"] == "bind-eaddrinuse");
+    assert!(advice.is_some_and(|a| a["text"].as_str().unwrap().contains("SO_REUSEADDR")));
+}
+
+#[test]
+fn port_pressure_matches_ports_held() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("pressure");
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40019");
+    ns.sysctl("net.ipv4.ip_local_reserved_ports", "40018-40019");
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+    let t = Trace::start(&ns, &["--pressure-pct", "1"]);
+    ns.twload(&["fill", "127.0.0.1:8080", "9"]);
+    let held_by_ss = twtrace_integration::count_time_waits(&ns, 8080);
+    assert_eq!(held_by_ss, 9);
+    let recs = t.wait_for("port pressure", Duration::from_secs(30), |r| {
+        r.iter()
+            .any(|r| r["type"] == "port_pressure" && r["time_wait"] == 9)
+    });
+    let p = recs
+        .iter()
+        .find(|r| r["type"] == "port_pressure" && r["time_wait"] == 9)
+        .unwrap();
+    assert_eq!(p["netns"].as_u64(), Some(ns.inode));
+    assert_eq!(p["raddr"], "127.0.0.1");
+    assert_eq!(p["rport"], 8080);
+    assert_eq!(p["usable"], 18, "20 ports less 2 reserved: {p}");
+    assert_eq!(p["held"], 9);
+    assert_eq!(p["percent"], 50.0);
+    assert!(p["entered_per_s"].as_f64().unwrap() > 0.0);
+    t.stop();
+}

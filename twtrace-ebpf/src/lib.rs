@@ -41,6 +41,8 @@ pub enum EventKind {
     TwEnd = 3,
     /// A connection this host closed first ended without a TIME_WAIT. [`NoTw`].
     NoTw = 4,
+    /// connect() found no free local port, or bind() found its port taken. [`PortFail`].
+    PortFail = 5,
 }
 
 impl EventKind {
@@ -50,6 +52,7 @@ impl EventKind {
             2 => Some(Self::TwResched),
             3 => Some(Self::TwEnd),
             4 => Some(Self::NoTw),
+            5 => Some(Self::PortFail),
             _ => None,
         }
     }
@@ -231,6 +234,31 @@ pub struct NoTw {
 /// use must lie in these first bytes (checked at load time).
 pub const SKC_BLOCK: usize = 128;
 
+/// `PortFail::op`.
+pub mod port_op {
+    pub const CONNECT: u8 = 1;
+    pub const BIND: u8 = 2;
+}
+
+pub const EADDRINUSE: i32 = 98;
+pub const EADDRNOTAVAIL: i32 = 99;
+
+/// Payload of [`EventKind::PortFail`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortFail {
+    pub hdr: EventHeader,
+    /// connect: the destination (`raddr`, `rport`), local port 0. bind: the address asked for
+    /// (`laddr`, `lport`).
+    pub conn: Conn,
+    pub task: Task,
+    /// Positive errno: EADDRNOTAVAIL or EADDRINUSE.
+    pub errno: i32,
+    /// A `port_op` constant.
+    pub op: u8,
+    pub _pad: [u8; 3],
+}
+
 /// Indices into the per-CPU `COUNTERS` array: things the kernel side could not do.
 pub mod counter {
     /// `bpf_ringbuf_reserve` failed: an event was dropped.
@@ -301,6 +329,19 @@ pub struct Offsets {
     pub net_tw_refcount: u32,
     /// `net.ipv4.tcp_death_row.sysctl_max_tw_buckets`.
     pub net_max_tw_buckets: u32,
+    /// From a file descriptor to its socket: `task_struct.files`, `files_struct.fdt`,
+    /// `fdtable.max_fds`, `fdtable.fd`, `file.private_data`, `socket.file`, `socket.sk`.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub socket_file: u32,
+    pub socket_sk: u32,
+    /// Field offsets in the syscalls:sys_enter_bind / sys_exit_bind records (tracefs format).
+    pub tp_bind_fd: u32,
+    pub tp_bind_addr: u32,
+    pub tp_exit_ret: u32,
 }
 
 /// In-kernel filters; zero means "any".
@@ -331,6 +372,7 @@ mod pod {
     unsafe impl aya::Pod for super::TwOpen {}
     unsafe impl aya::Pod for super::TwUpdate {}
     unsafe impl aya::Pod for super::NoTw {}
+    unsafe impl aya::Pod for super::PortFail {}
 }
 
 /// Compile-time layout checks: both sides must see the same sizes.
@@ -341,5 +383,6 @@ const _: () = {
     assert!(core::mem::size_of::<TwOpen>() == 128);
     assert!(core::mem::size_of::<TwUpdate>() == 80);
     assert!(core::mem::size_of::<NoTw>() == 120);
+    assert!(core::mem::size_of::<PortFail>() == 112);
     assert!(core::mem::size_of::<Filter>() == 64);
 };

@@ -23,20 +23,22 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_get_socket_cookie,
-            bpf_jiffies64, bpf_ktime_get_ns,
+            bpf_get_current_cgroup_id, bpf_get_current_task, bpf_get_smp_processor_id,
+            bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_ns,
         },
     },
-    macros::{btf_tracepoint, map},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
+    programs::TracePointContext,
 };
 use aya_log_ebpf::info;
 use twtrace_ebpf::{
-    AF_INET, AF_INET6, COMM_LEN, Config, Conn, EndReason, EventHeader, EventKind, NoTw, NoTwReason,
-    OPEN_ATTRIBUTED, SKC_BLOCK, Task, TwOpen, TwUpdate, close_kind, counter, role, tcp_state,
+    AF_INET, AF_INET6, COMM_LEN, Config, Conn, EADDRINUSE, EADDRNOTAVAIL, EndReason, EventHeader,
+    EventKind, NoTw, NoTwReason, OPEN_ATTRIBUTED, PortFail, SKC_BLOCK, Task, TwOpen, TwUpdate,
+    close_kind, counter, port_op, role, tcp_state,
 };
 
 /// Filled in by userspace at load time (offsets from BTF, addresses from kallsyms, filters).
@@ -77,11 +79,16 @@ enum Slot {
     TimerStart = 2,
     TimerCancel = 3,
     TimerExpire = 4,
+    Bind = 5,
 }
 
 impl Slot {
-    const COUNT: u32 = 5;
+    const COUNT: u32 = 6;
 }
+
+/// bind() calls on TCP sockets in flight, by pid_tgid: what was asked, for the exit to report.
+#[map]
+static BINDS: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(4096, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -338,6 +345,127 @@ fn submit_no_tw(cookie: u64, conn: &Conn, info: &ConnInfo, reason: NoTwReason, o
     e.submit(wakeup_flags());
 }
 
+#[inline(never)]
+fn connect_failed(skc: u64) {
+    let Some(conn) = read_conn(skc, 0, Slot::SetState) else {
+        return;
+    };
+    let task = current_task();
+    if conn_passes(&conn) && task_passes(&task) {
+        submit_port_fail(&conn, &task, port_op::CONNECT, EADDRNOTAVAIL);
+    }
+}
+
+#[inline(always)]
+fn submit_port_fail(conn: &Conn, task: &Task, op: u8, errno: i32) {
+    let Some(mut e) = EVENTS.reserve::<PortFail>(0) else {
+        count(counter::RINGBUF_FULL);
+        return;
+    };
+    let r = e.as_mut_ptr();
+    unsafe {
+        (*r).hdr = header(EventKind::PortFail, now_ns());
+        (*r).conn = *conn;
+        (*r).task = *task;
+        (*r).errno = errno;
+        (*r).op = op;
+        (*r)._pad = [0; 3];
+    }
+    e.submit(wakeup_flags());
+}
+
+// --- bind() ----------------------------------------------------------------------------------
+
+/// Remembers a bind() on a TCP socket: the address asked for and the socket's netns.
+#[tracepoint(category = "syscalls", name = "sys_enter_bind")]
+pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
+    let (fd_off, addr_off) = (
+        conf!(off.tp_bind_fd) as usize,
+        conf!(off.tp_bind_addr) as usize,
+    );
+    let fd: u64 = unsafe { ctx.read_at(fd_off) }.unwrap_or(u64::MAX);
+    let uaddr: u64 = unsafe { ctx.read_at(addr_off) }.unwrap_or(0);
+    if uaddr == 0 || is_self() {
+        return 0;
+    }
+    let Some(sk) = tcp_sock_of_fd(fd) else {
+        return 0;
+    };
+    let Some(mut conn) = read_conn(sk, 0, Slot::Bind) else {
+        return 0;
+    };
+    // What was asked: sockaddr_in / sockaddr_in6 in user memory.
+    let Ok(family) = (unsafe { bpf_probe_read_user((uaddr) as *const u16) }) else {
+        return 0;
+    };
+    let Ok(port_be) = (unsafe { bpf_probe_read_user((uaddr + 2) as *const u16) }) else {
+        return 0;
+    };
+    conn.family = family;
+    conn.lport = u16::from_be(port_be);
+    conn.laddr = [0; 16];
+    conn.raddr = [0; 16];
+    conn.rport = 0;
+    if family == AF_INET {
+        if let Ok(a) = unsafe { bpf_probe_read_user((uaddr + 4) as *const [u8; 4]) } {
+            conn.laddr[..4].copy_from_slice(&a);
+        }
+    } else if family == AF_INET6 {
+        if let Ok(a) = unsafe { bpf_probe_read_user((uaddr + 8) as *const [u8; 16]) } {
+            conn.laddr = a;
+        }
+    } else {
+        return 0;
+    }
+    let _ = BINDS.insert(bpf_get_current_pid_tgid(), conn, 0);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_bind")]
+pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    let Some(conn) = (unsafe { BINDS.get(key) }).copied() else {
+        return 0;
+    };
+    let _ = BINDS.remove(key);
+    let ret_off = conf!(off.tp_exit_ret) as usize;
+    let ret: i64 = unsafe { ctx.read_at(ret_off) }.unwrap_or(0);
+    if ret == -(EADDRINUSE as i64) {
+        let task = current_task();
+        if conn_passes(&conn) && task_passes(&task) {
+            submit_port_fail(&conn, &task, port_op::BIND, EADDRINUSE);
+        }
+    }
+    0
+}
+
+/// The TCP socket behind the current task's file descriptor `fd`, if it is one.
+#[inline(always)]
+fn tcp_sock_of_fd(fd: u64) -> Option<u64> {
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = read(task + conf!(off.task_files) as u64)?;
+    let fdt: u64 = read(files + conf!(off.files_fdt) as u64)?;
+    let max: u32 = read(fdt + conf!(off.fdtable_max_fds) as u64)?;
+    if fd >= max as u64 {
+        return None;
+    }
+    let fds: u64 = read(fdt + conf!(off.fdtable_fd) as u64)?;
+    let file: u64 = read(fds + fd * 8)?;
+    if file == 0 {
+        return None;
+    }
+    let sock: u64 = read(file + conf!(off.file_private_data) as u64)?;
+    // A socket's file points back at it; anything else is not a socket.
+    if sock == 0 || read::<u64>(sock + conf!(off.socket_file) as u64)? != file {
+        return None;
+    }
+    let sk: u64 = read(sock + conf!(off.socket_sk) as u64)?;
+    if sk == 0 || read::<u16>(sk + conf!(off.sk_protocol) as u64)? != 6 {
+        return None;
+    }
+    Some(sk)
+}
+
 #[inline(always)]
 fn new_conn_info(role: u8) -> ConnInfo {
     ConnInfo {
@@ -449,6 +577,14 @@ fn on_set_state(sk: *mut c_void, old: u8, new: u8) {
                     remember(cookie, &info);
                 }
             }
+        }
+        (SYN_SENT, CLOSE) => {
+            // connect() found no local port: the port search (inet_hash_connect) failed before
+            // one was assigned, and the socket goes back to CLOSE still without one.
+            if read::<u16>(skc + conf!(off.inet_sport) as u64) == Some(0) && !is_self() {
+                connect_failed(skc);
+            }
+            on_close(skc, cookie, old);
         }
         (_, CLOSE) => on_close(skc, cookie, old),
         _ => {}

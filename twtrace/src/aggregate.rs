@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::event::{
-    CloseKind, EndReason, Endpoints, Event, NoTimeWait, NoTwReason, Process, Role, Substate, TwEnd,
-    TwEnter, TwExisting, TwKey,
+    CloseKind, Dest, EndReason, Endpoints, Event, NetnsSettings, NoTimeWait, NoTwReason,
+    PortFailure, PortOp, Process, Role, Substate, TwEnd, TwEnter, TwExisting, TwKey,
 };
 
 /// TCP_TIMEWAIT_LEN: a true TIME_WAIT's timer.
@@ -75,12 +75,109 @@ impl TimeWaitRecord {
     }
 }
 
+/// A failed connect() or bind(), with the TIME_WAITs that stood in its way at that moment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PortFailureRecord {
+    #[serde(flatten)]
+    pub failure: PortFailure,
+    /// connect: TIME_WAITs towards the same remote address and port. bind: TIME_WAITs on the
+    /// port asked for (on the same address, or any when binding the wildcard address).
+    pub time_wait_holding: u32,
+}
+
 /// What the aggregator hands to views as it goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
     TimeWait(TimeWaitRecord),
     NoTimeWait(NoTimeWait),
+    PortFailure(PortFailureRecord),
 }
+
+/// Local ports held towards one destination against what connect() may use.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Pressure {
+    #[serde(flatten)]
+    pub dest: Dest,
+    /// TIME_WAITs towards it on ephemeral local ports.
+    pub time_wait: u32,
+    /// Live connections towards it on ephemeral local ports (last scan).
+    pub live: u32,
+    pub held: u32,
+    /// ip_local_port_range less ip_local_reserved_ports.
+    pub usable: u32,
+    pub percent: f64,
+    /// TIME_WAITs entering and ending per second towards it, over the last
+    /// [`RATE_WINDOW_S`] seconds.
+    pub entered_per_s: f64,
+    pub ended_per_s: f64,
+    /// At the current net growth, seconds until every usable port is held; `None` when not
+    /// growing.
+    pub exhaustion_s: Option<f64>,
+}
+
+/// Seconds over which per-destination rates are averaged.
+pub const RATE_WINDOW_S: u64 = 10;
+
+/// Entries and ends per second for the last [`RATE_WINDOW_S`] seconds.
+#[derive(Clone, Debug, Default)]
+struct RateWindow {
+    /// Second (of event time) that `slots[sec % N]` counts.
+    secs: [u64; RATE_WINDOW_S as usize],
+    entered: [u32; RATE_WINDOW_S as usize],
+    ended: [u32; RATE_WINDOW_S as usize],
+}
+
+impl RateWindow {
+    fn slot(&mut self, ts_ns: u64) -> usize {
+        let sec = ts_ns / 1_000_000_000;
+        let i = (sec % RATE_WINDOW_S) as usize;
+        if self.secs[i] != sec {
+            self.secs[i] = sec;
+            self.entered[i] = 0;
+            self.ended[i] = 0;
+        }
+        i
+    }
+
+    fn add(&mut self, ts_ns: u64, entered: bool) {
+        let i = self.slot(ts_ns);
+        if entered {
+            self.entered[i] += 1;
+        } else {
+            self.ended[i] += 1;
+        }
+    }
+
+    /// (entered/s, ended/s) over the window ending at `now_ns`.
+    fn rates(&self, now_ns: u64) -> (f64, f64) {
+        let now = now_ns / 1_000_000_000;
+        let (mut e, mut d) = (0u64, 0u64);
+        for i in 0..RATE_WINDOW_S as usize {
+            if now.saturating_sub(self.secs[i]) < RATE_WINDOW_S && self.secs[i] <= now {
+                e += u64::from(self.entered[i]);
+                d += u64::from(self.ended[i]);
+            }
+        }
+        let w = RATE_WINDOW_S as f64;
+        (e as f64 / w, d as f64 / w)
+    }
+
+    fn is_empty(&self, now_ns: u64) -> bool {
+        self.rates(now_ns) == (0.0, 0.0)
+    }
+}
+
+/// Failed connect() and bind() calls.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Failures {
+    pub connect_eaddrnotavail: u64,
+    pub bind_eaddrinuse: u64,
+    /// The most recent failures, newest last.
+    #[serde(skip)]
+    pub recent: std::collections::VecDeque<PortFailureRecord>,
+}
+
+const RECENT_FAILURES: usize = 100;
 
 /// Running totals since the start.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -97,6 +194,9 @@ pub struct Totals {
     pub overflow: u64,
     pub abort: u64,
     pub peer_reset: u64,
+    /// TIME_WAITs entered by the side that opened the connection.
+    pub client: u64,
+    pub server: u64,
     /// Ends never matched to a TIME_WAIT (entered before an event was lost, or filtered).
     pub unmatched_ends: u64,
     /// TIME_WAITs given up on: their timer should have ended them long ago.
@@ -131,6 +231,17 @@ pub struct Aggregator<C: Clock> {
     early_ends: HashMap<TwKey, (TwEnd, u64)>,
     recent_ends: HashMap<u64, u64>,
     totals: Totals,
+    settings: HashMap<u32, NetnsSettings>,
+    /// Rates of TIME_WAITs per destination; entries go once idle.
+    rates: HashMap<Dest, RateWindow>,
+    /// TIME_WAITs alive per (netns, remote address, remote port): what a connect() to there
+    /// competes with.
+    by_remote: HashMap<(u32, std::net::IpAddr, u16), u32>,
+    live: HashMap<u32, Vec<(Dest, u32)>>,
+    failures: Failures,
+    /// Aborts and server-side TIME_WAITs per command, for advice.
+    aborts_by_comm: HashMap<String, u64>,
+    server_tw_by_comm: HashMap<String, u64>,
 }
 
 impl<C: Clock> Aggregator<C> {
@@ -143,7 +254,136 @@ impl<C: Clock> Aggregator<C> {
             early_ends: HashMap::new(),
             recent_ends: HashMap::new(),
             totals: Totals::default(),
+            settings: HashMap::new(),
+            rates: HashMap::new(),
+            by_remote: HashMap::new(),
+            live: HashMap::new(),
+            failures: Failures::default(),
+            aborts_by_comm: HashMap::new(),
+            server_tw_by_comm: HashMap::new(),
         }
+    }
+
+    pub fn settings(&self) -> &HashMap<u32, NetnsSettings> {
+        &self.settings
+    }
+
+    pub fn failures(&self) -> &Failures {
+        &self.failures
+    }
+
+    pub fn aborts_by_comm(&self) -> &HashMap<String, u64> {
+        &self.aborts_by_comm
+    }
+
+    pub fn server_tw_by_comm(&self) -> &HashMap<String, u64> {
+        &self.server_tw_by_comm
+    }
+
+    /// TIME_WAITs alive in `netns` (what counts against tcp_max_tw_buckets).
+    pub fn alive_in(&self, netns: u32) -> usize {
+        self.alive
+            .values()
+            .filter(|t| t.conn.netns == netns)
+            .count()
+    }
+
+    /// Port pressure per destination, highest first. Only namespaces whose settings are known
+    /// are covered; only ephemeral local ports count.
+    pub fn pressure(&self) -> Vec<Pressure> {
+        let now = self.clock.now_ns();
+        let mut held: HashMap<Dest, (u32, u32)> = HashMap::new();
+        for tw in self.alive.values() {
+            if let Some(s) = self.settings.get(&tw.conn.netns)
+                && s.in_ephemeral_range(tw.conn.lport)
+            {
+                held.entry(Dest::of(&tw.conn)).or_default().0 += 1;
+            }
+        }
+        for counts in self.live.values() {
+            for &(d, n) in counts {
+                held.entry(d).or_default().1 += n;
+            }
+        }
+        let mut out: Vec<Pressure> = held
+            .into_iter()
+            .filter_map(|(dest, (time_wait, live))| {
+                let usable = self.settings.get(&dest.netns)?.usable_ports();
+                let (entered_per_s, ended_per_s) = self
+                    .rates
+                    .get(&dest)
+                    .map(|r| r.rates(now))
+                    .unwrap_or_default();
+                let held = time_wait + live;
+                let growth = entered_per_s - ended_per_s;
+                Some(Pressure {
+                    dest,
+                    time_wait,
+                    live,
+                    held,
+                    usable,
+                    percent: if usable == 0 {
+                        100.0
+                    } else {
+                        f64::from(held) * 100.0 / f64::from(usable)
+                    },
+                    entered_per_s,
+                    ended_per_s,
+                    exhaustion_s: (growth > 0.0)
+                        .then(|| f64::from(usable.saturating_sub(held)) / growth),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| b.percent.total_cmp(&a.percent).then(a.dest.cmp(&b.dest)));
+        out
+    }
+
+    fn track(&mut self, tw: &AliveTw, ts_ns: u64, entered: bool) {
+        let remote = (tw.conn.netns, tw.conn.raddr, tw.conn.rport);
+        if entered {
+            *self.by_remote.entry(remote).or_default() += 1;
+        } else if let Some(n) = self.by_remote.get_mut(&remote) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_remote.remove(&remote);
+            }
+        }
+        self.rates
+            .entry(Dest::of(&tw.conn))
+            .or_default()
+            .add(ts_ns, entered);
+    }
+
+    fn port_failure(&mut self, f: PortFailure, out: &mut Vec<Record>) {
+        let time_wait_holding = match f.op {
+            PortOp::Connect => self
+                .by_remote
+                .get(&(f.conn.netns, f.conn.raddr, f.conn.rport))
+                .copied()
+                .unwrap_or(0),
+            PortOp::Bind => self
+                .alive
+                .values()
+                .filter(|t| {
+                    t.conn.netns == f.conn.netns
+                        && t.conn.lport == f.conn.lport
+                        && (f.conn.laddr.is_unspecified() || t.conn.laddr == f.conn.laddr)
+                })
+                .count() as u32,
+        };
+        match f.op {
+            PortOp::Connect => self.failures.connect_eaddrnotavail += 1,
+            PortOp::Bind => self.failures.bind_eaddrinuse += 1,
+        }
+        let rec = PortFailureRecord {
+            failure: f,
+            time_wait_holding,
+        };
+        if self.failures.recent.len() == RECENT_FAILURES {
+            self.failures.recent.pop_front();
+        }
+        self.failures.recent.push_back(rec.clone());
+        out.push(Record::PortFailure(rec));
     }
 
     pub fn totals(&self) -> &Totals {
@@ -178,7 +418,21 @@ impl<C: Clock> Aggregator<C> {
             Event::TwEnd(e) => self.end(e, out),
             Event::NoTimeWait(n) => {
                 self.totals.count_no_tw(n.reason);
+                if n.reason == NoTwReason::Abort
+                    && let Some(p) = &n.closer
+                {
+                    *self.aborts_by_comm.entry(p.comm.clone()).or_default() += 1;
+                }
                 out.push(Record::NoTimeWait(n));
+            }
+            Event::PortFailure(f) => self.port_failure(f, out),
+            Event::Settings {
+                netns, settings, ..
+            } => {
+                self.settings.insert(netns, settings);
+            }
+            Event::LiveConnections { netns, counts, .. } => {
+                self.live.insert(netns, counts);
             }
             Event::TwExisting { ts_ns, sockets } => {
                 for s in sockets {
@@ -203,7 +457,19 @@ impl<C: Clock> Aggregator<C> {
             preexisting: false,
         };
         self.totals.entered += 1;
+        match tw.role {
+            Role::Client => self.totals.client += 1,
+            Role::Server => {
+                self.totals.server += 1;
+                if let Some(p) = &tw.closer {
+                    *self.server_tw_by_comm.entry(p.comm.clone()).or_default() += 1;
+                }
+            }
+            Role::Unknown => {}
+        }
+        self.track(&tw, e.ts_ns, true);
         if let Some(old) = self.alive.insert(e.key, tw) {
+            self.track(&old, e.ts_ns, false);
             // Only address keys can collide: the old socket's end was lost and its memory reused.
             debug_assert!(matches!(old.key, TwKey::Addr(_)));
             self.totals.overdue_dropped += 1;
@@ -226,6 +492,7 @@ impl<C: Clock> Aggregator<C> {
             return;
         };
         self.totals.count_end(e.end);
+        self.track(&tw, e.ts_ns, false);
         tw.substate = e.substate;
         if let TwKey::Cookie(c) = e.key {
             self.recent_ends.insert(c, e.ts_ns);
@@ -267,6 +534,7 @@ impl<C: Clock> Aggregator<C> {
             preexisting: true,
         };
         self.totals.preexisting += 1;
+        self.track(&tw, ts_ns, true);
         self.alive.insert(key, tw);
         if let Some((end, _)) = self.early_ends.remove(&key) {
             self.end(end, out);
@@ -284,10 +552,22 @@ impl<C: Clock> Aggregator<C> {
         self.totals.unmatched_ends += (before - self.early_ends.len()) as u64;
         self.recent_ends
             .retain(|_, ended| now.saturating_sub(*ended) < RECENT_END_TTL_NS);
-        let before = self.alive.len();
-        self.alive
-            .retain(|_, tw| now < tw.armed_ns + tw.timeout_ns + OVERDUE_GRACE_NS);
-        self.totals.overdue_dropped += (before - self.alive.len()) as u64;
+        let overdue: Vec<TwKey> = self
+            .alive
+            .values()
+            .filter(|tw| now >= tw.armed_ns + tw.timeout_ns + OVERDUE_GRACE_NS)
+            .map(|tw| tw.key)
+            .collect();
+        for key in overdue {
+            if let Some(tw) = self.alive.remove(&key) {
+                self.track(&tw, now, false);
+                self.totals.overdue_dropped += 1;
+            }
+        }
+        let by_remote = &self.by_remote;
+        self.rates.retain(|d, r| {
+            !r.is_empty(now) || by_remote.contains_key(&(d.netns, d.raddr, d.rport))
+        });
     }
 }
 

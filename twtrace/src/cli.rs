@@ -86,6 +86,9 @@ pub struct TraceArgs {
     /// Kernel ring buffer size in MiB (a power of two).
     #[arg(long, value_name = "MIB", default_value_t = 8)]
     pub ring_mib: u32,
+    /// Every 10 s, print destinations whose local ports are at least this % held.
+    #[arg(long, value_name = "PCT", default_value_t = 50.0)]
+    pub pressure_pct: f64,
 }
 
 impl TraceArgs {
@@ -93,6 +96,7 @@ impl TraceArgs {
     pub fn default_for_live() -> Self {
         Self {
             ring_mib: 8,
+            pressure_pct: 50.0,
             ..Self::default()
         }
     }

@@ -5,12 +5,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use twtrace_ebpf::{
     AF_INET, AF_INET6, Conn, EndReason as KEnd, EventHeader, EventKind, NoTw, NoTwReason as KNoTw,
-    OPEN_ATTRIBUTED, Task, TwOpen, TwUpdate,
+    OPEN_ATTRIBUTED, PortFail, Task, TwOpen, TwUpdate, port_op,
 };
 
 use crate::event::{
-    CloseKind, EndReason, Endpoints, Event, Family, NoTimeWait, NoTwReason, Process, Role,
-    Substate, TwEnd, TwEnter, TwKey, TwResched,
+    CloseKind, EndReason, Endpoints, Event, Family, NoTimeWait, NoTwReason, PortFailure, PortOp,
+    Process, Role, Substate, TwEnd, TwEnter, TwKey, TwResched,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -107,6 +107,27 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 close: CloseKind::from_raw(r.close),
                 reason: NoTwReason::from_kernel(k),
                 oldstate: r.oldstate,
+            })
+        }
+        EventKind::PortFail => {
+            let r: PortFail = read_exact(bytes, kind)?;
+            let op = match r.op {
+                port_op::CONNECT => PortOp::Connect,
+                port_op::BIND => PortOp::Bind,
+                code => {
+                    return Err(DecodeError::Code {
+                        what: "port operation",
+                        code,
+                    });
+                }
+            };
+            Event::PortFailure(PortFailure {
+                ts_ns: r.hdr.ts_ns,
+                cpu: r.hdr.cpu,
+                op,
+                errno: r.errno,
+                conn: endpoints(&r.conn)?,
+                process: process(&r.task),
             })
         }
     })
@@ -307,6 +328,28 @@ mod tests {
         assert_eq!(e.conn.laddr.to_string(), "::1");
         assert_eq!(e.reason, NoTwReason::Overflow);
         assert_eq!(e.role, Role::Server);
+    }
+
+    #[test]
+    fn round_trips_port_failures() {
+        for (op, want) in [
+            (port_op::CONNECT, PortOp::Connect),
+            (port_op::BIND, PortOp::Bind),
+        ] {
+            let raw = PortFail {
+                hdr: hdr(EventKind::PortFail, 3),
+                conn: conn4([127, 0, 0, 1], 0, [127, 0, 0, 2], 80, 5),
+                task: task(9, "wget"),
+                errno: 99,
+                op,
+                _pad: [0; 3],
+            };
+            let Event::PortFailure(e) = decode(&bytes(&raw)).unwrap() else {
+                panic!()
+            };
+            assert_eq!((e.op, e.errno, e.conn.rport), (want, 99, 80));
+            assert_eq!(e.process.comm, "wget");
+        }
     }
 
     #[test]

@@ -233,16 +233,115 @@ pub struct TwExisting {
     pub remaining_ms: u32,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortOp {
+    /// connect() found no free local port (EADDRNOTAVAIL).
+    Connect,
+    /// bind() found its address and port taken (EADDRINUSE).
+    Bind,
+}
+
+/// A connect() or bind() that failed for want of a port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortFailure {
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub op: PortOp,
+    pub errno: i32,
+    /// connect: the destination in `raddr`/`rport`. bind: the address asked for in
+    /// `laddr`/`lport`.
+    pub conn: Endpoints,
+    pub process: Process,
+}
+
+/// A network namespace's TIME_WAIT-related settings, read inside it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsSettings {
+    pub tcp_tw_reuse: i64,
+    /// Absent before Linux 6.14.
+    pub tcp_tw_reuse_delay_ms: Option<i64>,
+    pub tcp_max_tw_buckets: i64,
+    pub tcp_fin_timeout: i64,
+    pub tcp_timestamps: i64,
+    pub tcp_rfc1337: i64,
+    /// ip_local_port_range, inclusive.
+    pub port_range: (u16, u16),
+    /// ip_local_reserved_ports, inclusive ranges.
+    pub reserved_ports: Vec<(u16, u16)>,
+}
+
+impl NetnsSettings {
+    pub fn in_ephemeral_range(&self, port: u16) -> bool {
+        (self.port_range.0..=self.port_range.1).contains(&port)
+            && !self
+                .reserved_ports
+                .iter()
+                .any(|&(a, b)| (a..=b).contains(&port))
+    }
+
+    /// Ports connect() may pick: the range less the reserved ports inside it.
+    pub fn usable_ports(&self) -> u32 {
+        let (lo, hi) = self.port_range;
+        if hi < lo {
+            return 0;
+        }
+        let reserved: u32 = self
+            .reserved_ports
+            .iter()
+            .map(|&(a, b)| {
+                let (a, b) = (a.max(lo), b.min(hi));
+                if b >= a { u32::from(b - a) + 1 } else { 0 }
+            })
+            .sum();
+        (u32::from(hi - lo) + 1).saturating_sub(reserved)
+    }
+}
+
+/// Where local ports are spent: a local address towards one remote address and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Dest {
+    pub netns: u32,
+    pub laddr: IpAddr,
+    pub raddr: IpAddr,
+    pub rport: u16,
+}
+
+impl Dest {
+    pub fn of(c: &Endpoints) -> Self {
+        Self {
+            netns: c.netns,
+            laddr: c.laddr,
+            raddr: c.raddr,
+            rport: c.rport,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     TwEnter(TwEnter),
     TwResched(TwResched),
     TwEnd(TwEnd),
     NoTimeWait(NoTimeWait),
+    PortFailure(PortFailure),
     /// Pre-existing TIME_WAITs, as of `ts_ns`.
     TwExisting {
         ts_ns: u64,
         sockets: Vec<TwExisting>,
+    },
+    /// A namespace's settings as read at `ts_ns`.
+    Settings {
+        ts_ns: u64,
+        netns: u32,
+        settings: NetnsSettings,
+    },
+    /// Live (not TIME_WAIT, not listening) connections of a namespace using an ephemeral
+    /// local port, counted per destination, as of `ts_ns`.
+    LiveConnections {
+        ts_ns: u64,
+        netns: u32,
+        counts: Vec<(Dest, u32)>,
     },
 }
 
@@ -253,7 +352,10 @@ impl Event {
             Event::TwResched(e) => e.ts_ns,
             Event::TwEnd(e) => e.ts_ns,
             Event::NoTimeWait(e) => e.ts_ns,
-            Event::TwExisting { ts_ns, .. } => *ts_ns,
+            Event::PortFailure(e) => e.ts_ns,
+            Event::TwExisting { ts_ns, .. }
+            | Event::Settings { ts_ns, .. }
+            | Event::LiveConnections { ts_ns, .. } => *ts_ns,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! The pipeline: kernel programs (twtrace-ebpf) -> fixed-size records in a ring buffer ->
 //! [`decode`] -> [`aggregate::Aggregator`] -> views ([`output`]).
 
+pub mod advice;
 pub mod aggregate;
 pub mod cgroup;
 pub mod cli;

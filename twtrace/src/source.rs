@@ -11,7 +11,7 @@ use crate::{
     event::{Event, TwExisting},
     filter::Filters,
     kernel::{
-        existing,
+        netns, sock_diag,
         tracer::{self, Loss, Tracer, TracerError, TracerOptions},
     },
 };
@@ -21,6 +21,8 @@ pub struct LiveSource {
     ring: AsyncFd<RingBuf<MapData>>,
     scan: Option<JoinHandle<Vec<TwExisting>>>,
     drain_timer: tokio::time::Interval,
+    port_state: tokio::sync::mpsc::Receiver<Vec<Event>>,
+    _poller: tokio::task::JoinHandle<()>,
     filters: Filters,
     decode_errors: u64,
 }
@@ -55,15 +57,19 @@ impl LiveSource {
             .map_err(io::Error::from)?;
         let scan = scan_existing.then(|| {
             let only = filters.netns;
-            tokio::task::spawn_blocking(move || existing::snapshot(only))
+            tokio::task::spawn_blocking(move || sock_diag::snapshot(only))
         });
         let mut drain_timer = tokio::time::interval(tracer::DRAIN_EVERY);
         drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (tx, port_state) = tokio::sync::mpsc::channel(4);
+        let poller = tokio::spawn(poll_port_state(filters.netns, tx));
         Ok(Self {
             tracer,
             ring,
             scan,
             drain_timer,
+            port_state,
+            _poller: poller,
             filters: filters.clone(),
             decode_errors: 0,
         })
@@ -84,6 +90,7 @@ impl LiveSource {
                 Self::drain_ring(guard.get_inner_mut(), out, &mut self.decode_errors);
                 guard.clear_ready();
             }
+            Some(events) = self.port_state.recv() => out.extend(events),
             _ = self.drain_timer.tick() => {
                 Self::drain_ring(self.ring.get_mut(), out, &mut self.decode_errors);
             }
@@ -137,5 +144,44 @@ impl LiveSource {
     /// Whether the start-up scan has been delivered.
     pub fn scan_pending(&self) -> bool {
         self.scan.is_some()
+    }
+}
+
+/// How often each namespace's settings and live connections are read.
+pub const PORT_STATE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads every traced namespace's settings and live connections, now and every
+/// [`PORT_STATE_EVERY`], for port pressure and advice.
+async fn poll_port_state(only: Option<u32>, tx: tokio::sync::mpsc::Sender<Vec<Event>>) {
+    let mut every = tokio::time::interval(PORT_STATE_EVERY);
+    loop {
+        every.tick().await;
+        let scanned = tokio::task::spawn_blocking(move || {
+            let ts_ns = crate::aggregate::Clock::now_ns(&crate::aggregate::MonotonicClock);
+            netns::enumerate()
+                .into_iter()
+                .filter(|n| only.is_none_or(|o| o == n.inode))
+                .filter_map(
+                    |n| match sock_diag::port_state_in(&n.path, n.inode, ts_ns) {
+                        Ok(ev) => Some(ev),
+                        Err(e) => {
+                            // A namespace can vanish between listing and reading it.
+                            log::debug!("netns {}: {e}", n.inode);
+                            None
+                        }
+                    },
+                )
+                .flatten()
+                .collect::<Vec<Event>>()
+        })
+        .await;
+        match scanned {
+            Ok(events) => {
+                if tx.send(events).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => log::warn!("reading namespace settings failed: {e}"),
+        }
     }
 }

@@ -157,6 +157,65 @@ fn main() -> anyhow::Result<()> {
             thread::sleep(ms(hold.min(120_000)));
             drop(s);
         }
+        // Needs a two-port ip_local_port_range and tcp_tw_reuse=0: two client-first
+        // connections leave both ports in TIME_WAIT, so the third connect() must fail.
+        "exhaust" => {
+            let l = listener(server)?;
+            let mut ports = Vec::new();
+            for _ in 0..2 {
+                let (c, s) = pair(&l, server)?;
+                ports.push(c.local_addr()?.port());
+                drop(c);
+                thread::sleep(ms(20));
+                drop(s);
+            }
+            thread::sleep(ms(50));
+            let err = TcpStream::connect(server).err();
+            report(serde_json::json!({
+                "ports": ports,
+                "errno": err.and_then(|e| e.raw_os_error()),
+            }));
+        }
+        // A server that closes its connection first (server-side TIME_WAIT on its port), then
+        // restarts: binds the same port again, with or without SO_REUSEADDR.
+        "restart" => {
+            let reuse = args.get(2).map(String::as_str) == Some("reuseaddr");
+            let addr: SocketAddr = server.parse()?;
+            let plain_listener = |reuse: bool| -> std::io::Result<TcpListener> {
+                let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+                s.set_reuse_address(reuse)?;
+                s.bind(&addr.into())?;
+                s.listen(16)?;
+                Ok(s.into())
+            };
+            let l = plain_listener(reuse)?;
+            let c = TcpStream::connect(server)?;
+            let (s, _) = l.accept()?;
+            drop(s); // the server closes first
+            thread::sleep(ms(50));
+            drop(c);
+            drop(l);
+            thread::sleep(ms(50));
+            let err = plain_listener(reuse).err();
+            report(serde_json::json!({ "errno": err.and_then(|e| e.raw_os_error()) }));
+        }
+        // `n` client-first connections, left in TIME_WAIT on the client side.
+        "fill" => {
+            let n: u32 = args
+                .get(2)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(1)
+                .min(10_000);
+            let l = listener(server)?;
+            for _ in 0..n {
+                let (c, s) = pair(&l, server)?;
+                drop(c);
+                thread::sleep(ms(5));
+                drop(s);
+            }
+            thread::sleep(ms(50));
+            report(serde_json::json!({ "connections": n }));
+        }
         // Connections opened and closed as fast as possible, alternating which side closes
         // first, for `secs` seconds (at most `max` connections).
         "churn" => {

@@ -8,6 +8,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use tokio::signal::unix::{SignalKind, signal};
 use twtrace::{
+    advice::{self, Evidence},
     aggregate::{Aggregator, MonotonicClock, Record},
     cgroup::CgroupNames,
     cli::TraceArgs,
@@ -36,6 +37,7 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
         cgroups: CgroupNames::default(),
         out: BufWriter::new(io::stdout().lock()),
         records: Vec::new(),
+        advised: std::collections::HashSet::new(),
     };
     if !args.json {
         writeln!(printer.out, "{}", lines::HEADER)?;
@@ -53,6 +55,7 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     };
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks = 0u64;
     let mut events = Vec::new();
     let mut reported = Loss::default();
 
@@ -62,6 +65,12 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 agg.tick();
                 reported = warn_new_loss(source.loss(), &reported);
+                ticks += 1;
+                if ticks.is_multiple_of(PRESSURE_EVERY_S)
+                    && printer.pressure(&agg, args.pressure_pct)?
+                {
+                    return Ok(());
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -78,10 +87,21 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     let loss = source.loss();
     if args.json {
         // A last object with the totals, so a consumer knows what the stream covered and lost.
+        let pressure = agg.pressure();
+        let advice = advice::advise(&Evidence::of(&agg, &pressure));
+        let settings: std::collections::BTreeMap<String, _> = agg
+            .settings()
+            .iter()
+            .map(|(n, s)| (n.to_string(), s))
+            .collect();
         let summary = serde_json::json!({
             "type": "summary",
             "totals": agg.totals(),
             "alive": agg.alive_count(),
+            "failures": agg.failures(),
+            "settings": settings,
+            "pressure": pressure.iter().take(10).collect::<Vec<_>>(),
+            "advice": advice,
             "loss": loss,
             "undecodable": source.decode_errors(),
         });
@@ -92,6 +112,9 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often port pressure above `--pressure-pct` is printed.
+const PRESSURE_EVERY_S: u64 = 10;
+
 /// Prints the aggregator's records as they come.
 struct Printer<W: io::Write> {
     json: bool,
@@ -99,6 +122,8 @@ struct Printer<W: io::Write> {
     cgroups: CgroupNames,
     out: W,
     records: Vec<Record>,
+    /// Advice already printed, by (rule, subject): each is printed once, when it first holds.
+    advised: std::collections::HashSet<(&'static str, String)>,
 }
 
 impl<W: io::Write> Printer<W> {
@@ -108,19 +133,74 @@ impl<W: io::Write> Printer<W> {
         agg: &mut Aggregator<MonotonicClock>,
         events: &mut Vec<twtrace::event::Event>,
     ) -> anyhow::Result<bool> {
+        let mut failed = false;
         for e in events.drain(..) {
+            failed |= matches!(e, twtrace::event::Event::PortFailure(_));
             agg.ingest(e, &mut self.records);
         }
         if self.records.is_empty() {
             return Ok(false);
         }
-        let mut write = || -> io::Result<()> {
-            for r in self.records.drain(..) {
+        let mut lines = Vec::with_capacity(self.records.len());
+        for r in self.records.drain(..) {
+            lines.push(if self.json {
+                json::line(&r, &self.tb, &mut self.cgroups)
+            } else {
+                lines::line(&r, &self.tb)
+            });
+        }
+        if failed {
+            lines.extend(self.new_advice(agg, &agg.pressure()));
+        }
+        self.write(&lines)
+    }
+
+    /// Destinations at or above `pct`% port pressure, and any advice that newly holds.
+    fn pressure(&mut self, agg: &Aggregator<MonotonicClock>, pct: f64) -> anyhow::Result<bool> {
+        let now = agg.now_ns();
+        let pressure = agg.pressure();
+        let mut lines: Vec<String> = pressure
+            .iter()
+            .filter(|p| p.percent >= pct)
+            .map(|p| {
                 if self.json {
-                    writeln!(self.out, "{}", json::line(&r, &self.tb, &mut self.cgroups))?;
+                    json::pressure_line(p, &self.tb, now)
                 } else {
-                    writeln!(self.out, "{}", lines::line(&r, &self.tb))?;
+                    lines::pressure_line(p, &self.tb, now)
                 }
+            })
+            .collect();
+        lines.extend(self.new_advice(agg, &pressure));
+        self.write(&lines)
+    }
+
+    fn new_advice(
+        &mut self,
+        agg: &Aggregator<MonotonicClock>,
+        pressure: &[twtrace::aggregate::Pressure],
+    ) -> Vec<String> {
+        let now = agg.now_ns();
+        advice::advise(&Evidence::of(agg, pressure))
+            .into_iter()
+            .filter(|a| self.advised.insert((a.rule, a.subject.clone())))
+            .map(|a| {
+                if self.json {
+                    json::advice_line(&a, &self.tb, now)
+                } else {
+                    lines::advice_line(&a, &self.tb, now)
+                }
+            })
+            .collect()
+    }
+
+    /// Returns true on a broken pipe.
+    fn write(&mut self, lines: &[String]) -> anyhow::Result<bool> {
+        if lines.is_empty() {
+            return Ok(false);
+        }
+        let mut write = || -> io::Result<()> {
+            for l in lines {
+                writeln!(self.out, "{l}")?;
             }
             self.out.flush()
         };

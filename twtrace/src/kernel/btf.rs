@@ -168,6 +168,17 @@ impl KernelBtf {
             net_tw_refcount: self.offset_of("net", "ipv4.tcp_death_row.tw_refcount")?,
             net_max_tw_buckets: self
                 .offset_of("net", "ipv4.tcp_death_row.sysctl_max_tw_buckets")?,
+            task_files: self.offset_of("task_struct", "files")?,
+            files_fdt: self.offset_of("files_struct", "fdt")?,
+            fdtable_max_fds: self.offset_of("fdtable", "max_fds")?,
+            fdtable_fd: self.offset_of("fdtable", "fd")?,
+            file_private_data: self.offset_of("file", "private_data")?,
+            socket_file: self.offset_of("socket", "file")?,
+            socket_sk: self.offset_of("socket", "sk")?,
+            // Filled from tracefs when the bind hooks are attached.
+            tp_bind_fd: 0,
+            tp_bind_addr: 0,
+            tp_exit_ret: 0,
         };
         check_block(&o)?;
         Ok(o)

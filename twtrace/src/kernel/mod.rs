@@ -1,9 +1,11 @@
 //! Everything that talks to the running kernel.
 
 pub mod btf;
-pub mod existing;
 pub mod kallsyms;
 pub mod netns;
+pub mod settings;
+pub mod sock_diag;
+pub mod tracefs;
 pub mod tracer;
 
 use std::{fs, io::Read as _};

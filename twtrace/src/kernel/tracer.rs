@@ -9,13 +9,14 @@ use std::{
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, ProgramError},
+    programs::{BtfTracePoint, ProgramError, TracePoint},
 };
 use twtrace_ebpf::{Config, Filter, counter};
 
 use super::{
     btf::{BtfError, KernelBtf},
     kallsyms::{self, KallsymsError},
+    tracefs,
 };
 
 /// The kernel programs, built by build.rs from twtrace-ebpf.
@@ -174,16 +175,41 @@ const DEFAULT_RING_BYTES: u32 = 8 << 20;
 pub fn kernel_config(opts: &TracerOptions) -> Result<Config, TracerError> {
     let btf = KernelBtf::load(Path::new(BTF_PATH))?;
     let syms = kallsyms::lookup(&["tw_timer_handler", "reqsk_timer_handler"])?;
+    let mut off = btf.offsets()?;
+    // The bind() hooks need tracefs; without it twtrace still traces TIME_WAIT.
+    match bind_record_offsets() {
+        Ok((fd, addr, ret)) => {
+            off.tp_bind_fd = fd;
+            off.tp_bind_addr = addr;
+            off.tp_exit_ret = ret;
+        }
+        Err(e) => log::warn!("bind() failures will not be seen: {e}"),
+    }
     Ok(Config {
         tw_timer_handler: syms["tw_timer_handler"],
         reqsk_timer_handler: syms["reqsk_timer_handler"],
-        off: btf.offsets()?,
+        off,
         filter: opts.filter,
         wakeup_bytes: u64::from(opts.ring_bytes.unwrap_or(DEFAULT_RING_BYTES)) / WAKEUP_DIVISOR,
         self_pid: std::process::id(),
         verbose: opts.verbose as u32,
     })
 }
+
+fn bind_record_offsets() -> Result<(u32, u32, u32), tracefs::TracefsError> {
+    tracefs::ensure_mounted()?;
+    Ok((
+        tracefs::field_offset("syscalls", "sys_enter_bind", "fd")?,
+        tracefs::field_offset("syscalls", "sys_enter_bind", "umyaddr")?,
+        tracefs::field_offset("syscalls", "sys_exit_bind", "ret")?,
+    ))
+}
+
+/// Classic tracepoints for bind(): optional, attached when tracefs described them.
+const BIND_HOOKS: &[(&str, &str)] = &[
+    ("sys_enter_bind", "sys_enter_bind"),
+    ("sys_exit_bind", "sys_exit_bind"),
+];
 
 pub struct Tracer {
     ebpf: Ebpf,
@@ -225,6 +251,24 @@ impl Tracer {
                 .map_err(refused)?;
             prog.load(tp, &btf).map_err(refused)?;
             prog.attach().map_err(refused)?;
+        }
+        if config.off.tp_bind_addr != 0 {
+            for &(program, event) in BIND_HOOKS {
+                let attached = ebpf
+                    .program_mut(program)
+                    .ok_or(TracerError::Missing(program))
+                    .and_then(|p| {
+                        let tp: &mut TracePoint =
+                            p.try_into().map_err(|e| attach_error(event, e))?;
+                        tp.load().map_err(|e| attach_error(event, e))?;
+                        tp.attach("syscalls", event)
+                            .map_err(|e| attach_error(event, e))
+                    });
+                if let Err(e) = attached {
+                    log::warn!("bind() failures will not be seen: {e}");
+                    break;
+                }
+            }
         }
         let ring = RingBuf::try_from(
             ebpf.take_map("EVENTS")

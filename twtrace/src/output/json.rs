@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::{TimeBase, tcp_state_name};
 use crate::{
-    aggregate::Record,
+    aggregate::{PortFailureRecord, Record},
     cgroup::CgroupNames,
     event::{CloseKind, EndReason, Endpoints, Family, NoTwReason, Process, Role, Substate},
 };
@@ -88,6 +88,89 @@ fn identity<'a>(
     }
 }
 
+#[derive(Serialize)]
+struct PortFailureJson<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    ts: String,
+    errno: i32,
+    error: &'static str,
+    pid: u32,
+    tid: u32,
+    comm: &'a str,
+    uid: u32,
+    cgroup: Option<String>,
+    cgroup_id: Option<u64>,
+    netns: u32,
+    family: Family,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raddr: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    laddr: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lport: Option<u16>,
+    time_wait_holding: u32,
+}
+
+fn port_failure(r: &PortFailureRecord, tb: &TimeBase, cgroups: &mut CgroupNames) -> String {
+    let f = &r.failure;
+    let connect = f.op == crate::event::PortOp::Connect;
+    serde_json::to_string(&PortFailureJson {
+        ty: if connect {
+            "connect_failed"
+        } else {
+            "bind_failed"
+        },
+        ts: tb
+            .utc(f.ts_ns)
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        errno: f.errno,
+        error: if connect {
+            "EADDRNOTAVAIL"
+        } else {
+            "EADDRINUSE"
+        },
+        pid: f.process.pid,
+        tid: f.process.tid,
+        comm: &f.process.comm,
+        uid: f.process.uid,
+        cgroup: cgroups.path(f.process.cgroup_id).map(str::to_string),
+        cgroup_id: Some(f.process.cgroup_id).filter(|&id| id != 0),
+        netns: f.conn.netns,
+        family: f.conn.family,
+        raddr: connect.then_some(f.conn.raddr),
+        rport: connect.then_some(f.conn.rport),
+        laddr: (!connect).then_some(f.conn.laddr),
+        lport: (!connect).then_some(f.conn.lport),
+        time_wait_holding: r.time_wait_holding,
+    })
+    .expect("records serialize")
+}
+
+/// A destination's port pressure, as a `port_pressure` object.
+pub fn pressure_line(p: &crate::aggregate::Pressure, tb: &TimeBase, now_ns: u64) -> String {
+    let mut v = serde_json::to_value(p).expect("pressure serializes");
+    v["type"] = "port_pressure".into();
+    v["ts"] = tb
+        .utc(now_ns)
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        .into();
+    v.to_string()
+}
+
+/// A piece of advice, as an `advice` object.
+pub fn advice_line(a: &crate::advice::Advice, tb: &TimeBase, now_ns: u64) -> String {
+    let mut v = serde_json::to_value(a).expect("advice serializes");
+    v["type"] = "advice".into();
+    v["ts"] = tb
+        .utc(now_ns)
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        .into();
+    v.to_string()
+}
+
 /// One NDJSON line (without the newline).
 pub fn line(rec: &Record, tb: &TimeBase, cgroups: &mut CgroupNames) -> String {
     let v = match rec {
@@ -127,6 +210,7 @@ pub fn line(rec: &Record, tb: &TimeBase, cgroups: &mut CgroupNames) -> String {
             reason: n.reason,
             oldstate: tcp_state_name(n.oldstate),
         }),
+        Record::PortFailure(r) => return port_failure(r, tb, cgroups),
     };
     v.expect("records serialize")
 }

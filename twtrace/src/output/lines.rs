@@ -50,6 +50,26 @@ pub fn line(rec: &Record, tb: &TimeBase) -> String {
                 end,
             )
         }
+        Record::PortFailure(r) => {
+            let f = &r.failure;
+            let (what, at) = match f.op {
+                crate::event::PortOp::Connect => (
+                    "connect() EADDRNOTAVAIL",
+                    endpoint(f.conn.raddr, f.conn.rport),
+                ),
+                crate::event::PortOp::Bind => {
+                    ("bind() EADDRINUSE", endpoint(f.conn.laddr, f.conn.lport))
+                }
+            };
+            return format!(
+                "{:<12} {:<7} {:<16} {:<11} FAILED {what} {at}, {} TIME_WAITs holding",
+                tb.local(f.ts_ns).format("%H:%M:%S%.3f"),
+                f.process.pid,
+                f.process.comm,
+                f.conn.netns,
+                r.time_wait_holding
+            );
+        }
         Record::NoTimeWait(n) => (
             n.ts_ns,
             &n.conn,
@@ -75,5 +95,37 @@ pub fn line(rec: &Record, tb: &TimeBase) -> String {
         subst,
         life,
         end
+    )
+}
+
+/// A destination's port pressure.
+pub fn pressure_line(p: &crate::aggregate::Pressure, tb: &TimeBase, now_ns: u64) -> String {
+    let eta = match p.exhaustion_s {
+        _ if p.held >= p.usable => ", all taken".to_string(),
+        Some(s) => format!(", exhausted in ~{s:.0} s"),
+        None => String::new(),
+    };
+    format!(
+        "{:<12} PRESSURE netns {} {} -> {}: {}/{} ephemeral ports held ({:.1}%: {} TIME_WAIT, {} live), {:.1} TIME_WAITs/s{}",
+        tb.local(now_ns).format("%H:%M:%S%.3f"),
+        p.dest.netns,
+        p.dest.laddr,
+        endpoint(p.dest.raddr, p.dest.rport),
+        p.held,
+        p.usable,
+        p.percent,
+        p.time_wait,
+        p.live,
+        p.entered_per_s,
+        eta
+    )
+}
+
+pub fn advice_line(a: &crate::advice::Advice, tb: &TimeBase, now_ns: u64) -> String {
+    let ns = a.netns.map(|n| format!(" [netns {n}]")).unwrap_or_default();
+    format!(
+        "{:<12} ADVICE{ns} {}",
+        tb.local(now_ns).format("%H:%M:%S%.3f"),
+        a.text
     )
 }

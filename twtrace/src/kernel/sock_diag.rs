@@ -1,18 +1,22 @@
-//! TIME_WAIT sockets that exist before twtrace starts, read with sock_diag (the netlink
-//! interface `ss` uses) in every network namespace.
+//! Sockets as sock_diag (the netlink interface `ss` uses) lists them, inside one network
+//! namespace: the TIME_WAITs that exist before twtrace starts, and the live connections that
+//! hold local ports, for port pressure.
 //!
 //! Asking sock_diag for a socket's cookie makes the kernel assign one and store it in the
 //! TIME_WAIT socket, so the timer events that later end it carry the same cookie.
 
-use std::{io, mem, net::IpAddr, path::Path};
+use std::{collections::HashMap, io, mem, net::IpAddr, path::Path};
 
-use super::netns;
-use crate::event::{Endpoints, Family, Substate, TwExisting};
+use super::{netns, settings};
+use crate::event::{Dest, Endpoints, Event, Family, NetnsSettings, Substate, TwExisting};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const TCP_TIME_WAIT: u8 = 6;
+/// Every state that holds a local port for a connection: all but TIME_WAIT, CLOSE, LISTEN.
+const LIVE_STATES: u32 =
+    (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 11);
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -62,10 +66,21 @@ struct DiagMsg {
 }
 
 /// The TIME_WAIT sockets of the namespace at `path`.
-pub fn in_netns(path: &Path, netns: u32) -> io::Result<Vec<TwExisting>> {
+pub fn time_waits_in(path: &Path, netns: u32) -> io::Result<Vec<TwExisting>> {
     netns::run_in(path, move || {
-        let mut out = dump(libc::AF_INET as u8, netns)?;
-        out.extend(dump(libc::AF_INET6 as u8, netns)?);
+        let mut out = Vec::new();
+        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            out.extend(
+                dump(family, 1 << TCP_TIME_WAIT, netns)?
+                    .into_iter()
+                    .map(|m| TwExisting {
+                        conn: m.conn,
+                        cookie: m.cookie,
+                        substate: Substate::from_tcp_state(m.state),
+                        remaining_ms: m.expires_ms,
+                    }),
+            );
+        }
         Ok(out)
     })
 }
@@ -75,7 +90,7 @@ pub fn snapshot(only: Option<u32>) -> Vec<TwExisting> {
     netns::enumerate()
         .into_iter()
         .filter(|n| only.is_none_or(|o| o == n.inode))
-        .flat_map(|n| match in_netns(&n.path, n.inode) {
+        .flat_map(|n| match time_waits_in(&n.path, n.inode) {
             Ok(v) => v,
             Err(e) => {
                 log::warn!("cannot list TIME_WAIT sockets in netns {}: {e}", n.inode);
@@ -85,11 +100,53 @@ pub fn snapshot(only: Option<u32>) -> Vec<TwExisting> {
         .collect()
 }
 
+/// Reads a namespace's settings, and counts its live connections on ephemeral local ports per
+/// destination, as two events.
+pub fn port_state_in(path: &Path, netns: u32, ts_ns: u64) -> io::Result<[Event; 2]> {
+    netns::run_in(path, move || {
+        let s = settings::read()?;
+        let counts = live_counts(&s, netns)?;
+        Ok([
+            Event::Settings {
+                ts_ns,
+                netns,
+                settings: s,
+            },
+            Event::LiveConnections {
+                ts_ns,
+                netns,
+                counts,
+            },
+        ])
+    })
+}
+
+/// Live connections per destination whose local port connect() picked (ephemeral range).
+fn live_counts(s: &NetnsSettings, netns: u32) -> io::Result<Vec<(Dest, u32)>> {
+    let mut counts: HashMap<Dest, u32> = HashMap::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        for m in dump(family, LIVE_STATES, netns)? {
+            if s.in_ephemeral_range(m.conn.lport) {
+                *counts.entry(Dest::of(&m.conn)).or_default() += 1;
+            }
+        }
+    }
+    Ok(counts.into_iter().collect())
+}
+
+/// One socket as sock_diag describes it.
+struct DiagSock {
+    conn: Endpoints,
+    state: u8,
+    cookie: u64,
+    expires_ms: u32,
+}
+
 fn as_bytes<T>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, mem::size_of::<T>()) }
 }
 
-fn dump(family: u8, netns: u32) -> io::Result<Vec<TwExisting>> {
+fn dump(family: u8, states: u32, netns: u32) -> io::Result<Vec<DiagSock>> {
     let fd = unsafe {
         libc::socket(
             libc::AF_NETLINK,
@@ -118,7 +175,7 @@ fn dump(family: u8, netns: u32) -> io::Result<Vec<TwExisting>> {
         req: DiagReq {
             family,
             protocol: libc::IPPROTO_TCP as u8,
-            states: 1 << TCP_TIME_WAIT,
+            states,
             ..Default::default()
         },
     };
@@ -140,7 +197,7 @@ fn dump(family: u8, netns: u32) -> io::Result<Vec<TwExisting>> {
 }
 
 /// Parses one datagram of replies; true when the dump is complete.
-fn parse(mut data: &[u8], netns: u32, out: &mut Vec<TwExisting>) -> io::Result<bool> {
+fn parse(mut data: &[u8], netns: u32, out: &mut Vec<DiagSock>) -> io::Result<bool> {
     let hdr_len = mem::size_of::<NlMsgHdr>();
     while data.len() >= hdr_len {
         let hdr: NlMsgHdr = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
@@ -160,7 +217,7 @@ fn parse(mut data: &[u8], netns: u32, out: &mut Vec<TwExisting>) -> io::Result<b
             SOCK_DIAG_BY_FAMILY if len >= hdr_len + mem::size_of::<DiagMsg>() => {
                 let m: DiagMsg =
                     unsafe { std::ptr::read_unaligned(data[hdr_len..].as_ptr().cast()) };
-                if let Some(e) = to_existing(&m, netns) {
+                if let Some(e) = to_sock(&m, netns) {
                     out.push(e);
                 }
             }
@@ -171,7 +228,7 @@ fn parse(mut data: &[u8], netns: u32, out: &mut Vec<TwExisting>) -> io::Result<b
     Ok(false)
 }
 
-fn to_existing(m: &DiagMsg, netns: u32) -> Option<TwExisting> {
+fn to_sock(m: &DiagMsg, netns: u32) -> Option<DiagSock> {
     let (family, laddr, raddr) = if m.family == libc::AF_INET as u8 {
         let s: [u8; 4] = m.id.src[..4].try_into().ok()?;
         let d: [u8; 4] = m.id.dst[..4].try_into().ok()?;
@@ -179,7 +236,7 @@ fn to_existing(m: &DiagMsg, netns: u32) -> Option<TwExisting> {
     } else {
         (Family::Ipv6, IpAddr::from(m.id.src), IpAddr::from(m.id.dst))
     };
-    Some(TwExisting {
+    Some(DiagSock {
         conn: Endpoints {
             netns,
             family,
@@ -188,8 +245,8 @@ fn to_existing(m: &DiagMsg, netns: u32) -> Option<TwExisting> {
             raddr,
             rport: u16::from_be_bytes(m.id.dport),
         },
+        state: m.state,
         cookie: (m.id.cookie[1] as u64) << 32 | m.id.cookie[0] as u64,
-        substate: Substate::from_tcp_state(m.state),
-        remaining_ms: m.expires,
+        expires_ms: m.expires,
     })
 }
