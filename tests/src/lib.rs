@@ -299,3 +299,51 @@ pub fn count_time_waits(netns: &Netns, rport: u16) -> usize {
     })
     .count()
 }
+
+/// A running `twtrace record` of one namespace.
+pub struct Recording {
+    child: Child,
+}
+
+impl Recording {
+    pub fn start(netns: &Netns, file: &str) -> Self {
+        let mut child = Command::new(twtrace_bin())
+            .args(["record", "--json", "--netns", &netns.name, "-o", file])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn twtrace record");
+        let err = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(err).lines();
+        // Attached once it says it is recording.
+        for line in lines.by_ref() {
+            let line = line.expect("read twtrace stderr");
+            if line.contains("recording TIME_WAIT") {
+                break;
+            }
+        }
+        thread::spawn(move || for _ in lines {});
+        Self { child }
+    }
+
+    /// SIGINT, as Ctrl-C: returns the live totals it printed.
+    pub fn stop(&mut self) -> Value {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let mut out = String::new();
+        use std::io::Read as _;
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        assert!(self.child.wait().unwrap().success());
+        serde_json::from_str(out.lines().last().unwrap_or("{}")).expect("summary JSON")
+    }
+
+    /// SIGKILL: no chance to flush.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}

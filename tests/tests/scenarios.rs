@@ -466,3 +466,136 @@ fn port_pressure_matches_ports_held() {
     assert!(p["entered_per_s"].as_f64().unwrap() > 0.0);
     t.stop();
 }
+
+/// Runs `twtrace` with `args` to completion; returns stdout.
+fn twtrace(args: &[&str]) -> String {
+    let out = std::process::Command::new(twtrace_integration::twtrace_bin())
+        .args(args)
+        .output()
+        .expect("run twtrace");
+    assert!(
+        out.status.success(),
+        "twtrace {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn tmp_trace(tag: &str) -> String {
+    format!("/tmp/twtrace-it-{}-{tag}.twt", std::process::id())
+}
+
+#[test]
+fn record_then_report_equals_the_live_aggregate() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("record");
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40001");
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+    let file = tmp_trace("record");
+    let mut rec = twtrace_integration::Recording::start(&ns, &file);
+    ns.twload(&["exhaust"]);
+    ns.twload(&["server-first", "127.0.0.1:8081"]);
+    ns.twload(&["linger0", "127.0.0.1:8082"]);
+    let live = rec.stop();
+    let report: Value = serde_json::from_str(&twtrace(&["report", &file, "--json"])).unwrap();
+    for k in [
+        "entered",
+        "ended",
+        "preexisting",
+        "client",
+        "server",
+        "abort",
+        "overflow",
+    ] {
+        assert_eq!(
+            report["totals"][k], live["totals"][k],
+            "{k}: {report:#} vs {live:#}"
+        );
+    }
+    assert_eq!(report["totals"]["entered"], 3);
+    assert_eq!(report["failures"]["connect_eaddrnotavail"], 1);
+    assert_eq!(
+        report["failures"]["connect_eaddrnotavail"],
+        live["failures"]["connect_eaddrnotavail"]
+    );
+    assert_eq!(report["processes"][0]["comm"], "twload");
+    assert_eq!(report["settings"][ns.inode.to_string()]["tcp_tw_reuse"], 0);
+    assert!(
+        report["warnings"].as_array().unwrap().is_empty(),
+        "{report:#}"
+    );
+    // The text report and a jq-style reading need no twtrace internals.
+    assert!(twtrace(&["report", &file]).contains("connect EADDRNOTAVAIL 1"));
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn kill_9_while_recording_loses_at_most_the_last_second() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("kill9");
+    let file = tmp_trace("kill9");
+    let rec = twtrace_integration::Recording::start(&ns, &file);
+    ns.twload(&["fill", "127.0.0.1:8080", "40"]);
+    // Past the next one-second frame: these 40 are on disk.
+    std::thread::sleep(Duration::from_millis(2200));
+    ns.twload(&["fill", "127.0.0.1:8081", "10"]);
+    rec.kill();
+    let report: Value = serde_json::from_str(&twtrace(&["report", &file, "--json"])).unwrap();
+    let entered = report["totals"]["entered"].as_u64().unwrap();
+    assert!(
+        (40..=50).contains(&entered),
+        "{entered} of 50 kept: {report:#}"
+    );
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn compare_shows_the_effect_of_tcp_tw_reuse() {
+    if !can_run() {
+        return;
+    }
+    let mut files = vec![];
+    for reuse in ["0", "1"] {
+        let ns = Netns::new(&format!("cmp{reuse}"));
+        ns.sysctl("net.ipv4.ip_local_port_range", "40000 40099");
+        ns.sysctl("net.ipv4.tcp_tw_reuse", reuse);
+        let file = tmp_trace(&format!("cmp{reuse}"));
+        let mut rec = twtrace_integration::Recording::start(&ns, &file);
+        // 60 connections/s for 4 s through 100 ports: without reuse they run out.
+        ns.twload(&["churn", "127.0.0.1:8080", "4", "100000", "60"]);
+        rec.stop();
+        files.push(file);
+    }
+    let c: Value =
+        serde_json::from_str(&twtrace(&["compare", &files[0], &files[1], "--json"])).unwrap();
+    let setting = &c["settings"][0];
+    assert_eq!(setting["name"], "tcp_tw_reuse");
+    assert_eq!(
+        (setting["before"].as_str(), setting["after"].as_str()),
+        (Some("0"), Some("1"))
+    );
+    let m = |name: &str| {
+        c["measures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("no measure {name}"))
+            .clone()
+    };
+    let reused = m("% reused by connect");
+    assert_eq!(reused["before"], 0.0, "{reused}");
+    assert!(reused["after"].as_f64().unwrap() > 10.0, "{reused}");
+    assert_eq!(reused["verdict"], "changed");
+    let failed = m("EADDRNOTAVAIL per minute");
+    assert!(failed["before"].as_f64().unwrap() > 0.0, "{failed}");
+    assert_eq!(failed["after"], 0.0, "{failed}");
+    assert_eq!(failed["verdict"], "changed");
+    for f in files {
+        let _ = std::fs::remove_file(f);
+    }
+}

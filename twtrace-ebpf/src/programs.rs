@@ -30,7 +30,7 @@ use aya_ebpf::{
         },
     },
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
     programs::TracePointContext,
 };
@@ -85,6 +85,11 @@ enum Slot {
 impl Slot {
     const COUNT: u32 = 6;
 }
+
+/// Passive closes (LAST_ACK->CLOSE) per network namespace: with the active closes (TIME_WAITs
+/// and closes without one) they make "connections closed", which normalises rates.
+#[map]
+static PASSIVE_CLOSES: LruPerCpuHashMap<u32, u64> = LruPerCpuHashMap::with_max_entries(4096, 0);
 
 /// bind() calls on TCP sockets in flight, by pid_tgid: what was asked, for the exit to report.
 #[map]
@@ -594,6 +599,9 @@ fn on_set_state(sk: *mut c_void, old: u8, new: u8) {
 #[inline(always)]
 fn on_close(skc: u64, cookie: u64, old: u8) {
     use tcp_state::*;
+    if old == LAST_ACK {
+        count_passive_close(skc);
+    }
     let Some(info) = CONNS.get_ptr_mut(cookie) else {
         // Untracked connection reset by close() (SO_LINGER 0, unread data): the RST follows
         // this state change, so remember the closer for tcp_send_reset.
@@ -651,6 +659,24 @@ fn on_close(skc: u64, cookie: u64, old: u8) {
         unsafe { *info = i };
     } else {
         let _ = CONNS.remove(cookie);
+    }
+}
+
+#[inline(never)]
+fn count_passive_close(skc: u64) {
+    let Some(net) = read::<u64>(skc + conf!(off.skc_net) as u64) else {
+        return;
+    };
+    let netns: u32 = read(net + conf!(off.net_inum) as u64).unwrap_or(0);
+    let f = conf!(filter.netns);
+    if f != 0 && f != netns {
+        return;
+    }
+    match PASSIVE_CLOSES.get_ptr_mut(netns) {
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = PASSIVE_CLOSES.insert(netns, 1u64, 0);
+        }
     }
 }
 

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+use crate::stats::{ProcKey, Stats};
+
 use crate::event::{
     CloseKind, Dest, EndReason, Endpoints, Event, NetnsSettings, NoTimeWait, NoTwReason,
     PortFailure, PortOp, Process, Role, Substate, TwEnd, TwEnter, TwExisting, TwKey,
@@ -22,12 +24,46 @@ const RECENT_END_TTL_NS: u64 = 30_000_000_000;
 /// A TIME_WAIT whose timer should have fired this long ago, with no end seen, is given up.
 const OVERDUE_GRACE_NS: u64 = 30_000_000_000;
 
+/// The row a TIME_WAIT counts in: its closer, or "?" when unknown.
+pub fn proc_key(p: &Option<Process>) -> ProcKey {
+    match p {
+        Some(p) => ProcKey {
+            pid: p.pid,
+            comm: p.comm.clone(),
+        },
+        None => ProcKey {
+            pid: 0,
+            comm: "?".into(),
+        },
+    }
+}
+
+fn cgroup_of(p: &Option<Process>) -> u64 {
+    p.as_ref().map_or(0, |p| p.cgroup_id)
+}
+
 /// Source of CLOCK_MONOTONIC nanoseconds, the clock the kernel stamps events with.
 pub trait Clock {
     fn now_ns(&self) -> u64;
 }
 
 pub struct MonotonicClock;
+
+/// A clock that reads what it was last set to: replays drive it from the events' own stamps.
+#[derive(Clone, Default)]
+pub struct ReplayClock(std::rc::Rc<std::cell::Cell<u64>>);
+
+impl ReplayClock {
+    pub fn set(&self, ns: u64) {
+        self.0.set(ns);
+    }
+}
+
+impl Clock for ReplayClock {
+    fn now_ns(&self) -> u64 {
+        self.0.get()
+    }
+}
 
 impl Clock for MonotonicClock {
     fn now_ns(&self) -> u64 {
@@ -242,6 +278,12 @@ pub struct Aggregator<C: Clock> {
     /// Aborts and server-side TIME_WAITs per command, for advice.
     aborts_by_comm: HashMap<String, u64>,
     server_tw_by_comm: HashMap<String, u64>,
+    stats: Stats,
+    /// Latest kernel TIME_WAIT counters per namespace.
+    kernel_counters: HashMap<u32, std::collections::BTreeMap<String, u64>>,
+    /// Latest passive closes per namespace (cumulative since twtrace attached).
+    passive_closes: HashMap<u32, u64>,
+    loss: crate::kernel::tracer::Loss,
 }
 
 impl<C: Clock> Aggregator<C> {
@@ -261,7 +303,34 @@ impl<C: Clock> Aggregator<C> {
             failures: Failures::default(),
             aborts_by_comm: HashMap::new(),
             server_tw_by_comm: HashMap::new(),
+            stats: Stats::default(),
+            kernel_counters: HashMap::new(),
+            passive_closes: HashMap::new(),
+            loss: Default::default(),
         }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn kernel_counters(&self) -> &HashMap<u32, std::collections::BTreeMap<String, u64>> {
+        &self.kernel_counters
+    }
+
+    /// Connections this host closed: actively (TIME_WAITs entered and closes that skipped
+    /// TIME_WAIT) and passively (LAST_ACK->CLOSE).
+    pub fn connections_closed(&self) -> u64 {
+        self.totals.entered
+            + self.totals.overflow
+            + self.totals.abort
+            + self.totals.peer_reset
+            + self.passive_closes.values().sum::<u64>()
+    }
+
+    /// What the kernel side lost, as of the latest snapshot.
+    pub fn loss(&self) -> &crate::kernel::tracer::Loss {
+        &self.loss
     }
 
     pub fn settings(&self) -> &HashMap<u32, NetnsSettings> {
@@ -434,6 +503,19 @@ impl<C: Clock> Aggregator<C> {
             Event::LiveConnections { netns, counts, .. } => {
                 self.live.insert(netns, counts);
             }
+            Event::KernelCounters {
+                netns, counters, ..
+            } => {
+                self.kernel_counters.insert(netns, counters);
+            }
+            Event::Snapshot {
+                passive_closes,
+                loss,
+                ..
+            } => {
+                self.passive_closes.extend(passive_closes);
+                self.loss = loss;
+            }
             Event::TwExisting { ts_ns, sockets } => {
                 for s in sockets {
                     self.existing(ts_ns, s, out);
@@ -468,6 +550,8 @@ impl<C: Clock> Aggregator<C> {
             Role::Unknown => {}
         }
         self.track(&tw, e.ts_ns, true);
+        self.stats
+            .entered(proc_key(&tw.closer), cgroup_of(&tw.closer), tw.role);
         if let Some(old) = self.alive.insert(e.key, tw) {
             self.track(&old, e.ts_ns, false);
             // Only address keys can collide: the old socket's end was lost and its memory reused.
@@ -493,6 +577,11 @@ impl<C: Clock> Aggregator<C> {
         };
         self.totals.count_end(e.end);
         self.track(&tw, e.ts_ns, false);
+        self.stats.ended(
+            proc_key(&tw.closer),
+            e.end,
+            e.ts_ns.saturating_sub(tw.entered_ns),
+        );
         tw.substate = e.substate;
         if let TwKey::Cookie(c) = e.key {
             self.recent_ends.insert(c, e.ts_ns);
@@ -573,24 +662,15 @@ impl<C: Clock> Aggregator<C> {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::{cell::Cell, net::IpAddr, rc::Rc};
+    use std::net::IpAddr;
 
     use super::*;
     use crate::event::{Family, TwResched};
 
-    #[derive(Clone, Default)]
-    pub struct ManualClock(pub Rc<Cell<u64>>);
-
-    impl Clock for ManualClock {
-        fn now_ns(&self) -> u64 {
-            self.0.get()
-        }
-    }
-
     const S: u64 = 1_000_000_000;
 
-    fn agg() -> (Aggregator<ManualClock>, ManualClock) {
-        let c = ManualClock::default();
+    fn agg() -> (Aggregator<ReplayClock>, ReplayClock) {
+        let c = ReplayClock::default();
         (Aggregator::new(c.clone(), 250), c)
     }
 
@@ -726,7 +806,7 @@ pub(crate) mod tests {
         let mut out = vec![];
         a.ingest(end(key, 5 * S, EndReason::Reset), &mut out);
         assert!(out.is_empty());
-        clock.0.set(S / 10);
+        clock.set(S / 10);
         a.tick();
         a.ingest(enter(key, 4 * S, Substate::TimeWait), &mut out);
         let r = only_tw(&out);
@@ -740,7 +820,7 @@ pub(crate) mod tests {
         let (mut a, clock) = agg();
         let mut out = vec![];
         a.ingest(end(TwKey::Cookie(1), S, EndReason::Expired), &mut out);
-        clock.0.set(EARLY_END_TTL_NS + 1);
+        clock.set(EARLY_END_TTL_NS + 1);
         a.tick();
         assert_eq!(a.totals().unmatched_ends, 1);
         a.ingest(enter(TwKey::Cookie(1), 2 * S, Substate::TimeWait), &mut out);
@@ -811,10 +891,10 @@ pub(crate) mod tests {
         let (mut a, clock) = agg();
         let mut out = vec![];
         a.ingest(enter(TwKey::Cookie(1), S, Substate::TimeWait), &mut out);
-        clock.0.set(61 * S + OVERDUE_GRACE_NS - 1);
+        clock.set(61 * S + OVERDUE_GRACE_NS - 1);
         a.tick();
         assert_eq!(a.alive_count(), 1);
-        clock.0.set(61 * S + OVERDUE_GRACE_NS + 1);
+        clock.set(61 * S + OVERDUE_GRACE_NS + 1);
         a.tick();
         assert_eq!(a.alive_count(), 0);
         assert_eq!(a.totals().overdue_dropped, 1);

@@ -23,8 +23,101 @@ pub struct Cli {
 pub enum Command {
     /// Print one line per finished TIME_WAIT and per close that skipped TIME_WAIT.
     Trace(TraceArgs),
+    /// Record every event to a file for later `report`, `replay` or `compare`.
+    Record(RecordArgs),
+    /// Summarise one or more recordings (no root needed).
+    Report(ReportArgs),
+    /// Compare two recordings: did the tuning work?
+    Compare(CompareArgs),
     /// Check that this kernel and these privileges can run twtrace, and show what it resolved.
     Check,
+}
+
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// The trace file to write (zstd-compressed NDJSON; created 0600).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: std::path::PathBuf,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// Start a new file once this much is written (e.g. 100M, 2G); the old one becomes FILE.1.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_size: Option<u64>,
+    /// Rotated files to keep (FILE.1 ... FILE.N).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub keep: u32,
+    /// Skip the start-up scan for TIME_WAITs that already exist.
+    #[arg(long)]
+    pub no_existing: bool,
+    /// Kernel ring buffer size in MiB (a power of two).
+    #[arg(long, value_name = "MIB", default_value_t = 8)]
+    pub ring_mib: u32,
+    /// On exit, print the live totals as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Trace files, in order (rotated files oldest first).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<std::path::PathBuf>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Start of the window: RFC 3339, or an offset from the first event (30s, 5m, 1h).
+    #[arg(long, value_name = "TIME")]
+    pub from: Option<String>,
+    /// End of the window, same forms as --from.
+    #[arg(long, value_name = "TIME")]
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// The recording before the change.
+    pub before: std::path::PathBuf,
+    /// The recording after the change.
+    pub after: std::path::PathBuf,
+    /// JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// "100M", "2G", "4096" -> bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1 << 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("{s:?} is not a size like 100M or 2G"))
+}
+
+/// "30s", "5m", "1h", "250ms" -> nanoseconds.
+pub fn parse_offset(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+    let (n, unit) = s.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    let mult = match unit {
+        "ms" => 1e6,
+        "s" => 1e9,
+        "m" | "min" => 60e9,
+        "h" => 3600e9,
+        _ => return None,
+    };
+    Some((n * mult) as u64)
 }
 
 #[derive(Debug, Args, Default)]
@@ -99,5 +192,21 @@ impl TraceArgs {
             pressure_pct: 50.0,
             ..Self::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_offsets() {
+        assert_eq!(parse_size("100M"), Ok(100 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_offset("30s"), Some(30_000_000_000));
+        assert_eq!(parse_offset("1.5m"), Some(90_000_000_000));
+        assert_eq!(parse_offset("250ms"), Some(250_000_000));
+        assert_eq!(parse_offset("soon"), None);
     }
 }

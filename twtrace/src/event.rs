@@ -318,7 +318,10 @@ impl Dest {
     }
 }
 
+/// The aggregator's input, and what a recording stores: one JSON object per line, tagged by
+/// `ev`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
 pub enum Event {
     TwEnter(TwEnter),
     TwResched(TwResched),
@@ -343,6 +346,19 @@ pub enum Event {
         netns: u32,
         counts: Vec<(Dest, u32)>,
     },
+    /// The kernel's own TIME_WAIT counters of a namespace (TcpExt TW, TWKilled, TWRecycled,
+    /// TCPTimeWaitOverflow), as of `ts_ns`.
+    KernelCounters {
+        ts_ns: u64,
+        netns: u32,
+        counters: std::collections::BTreeMap<String, u64>,
+    },
+    /// Once a second: passive closes so far per namespace, and what was lost so far.
+    Snapshot {
+        ts_ns: u64,
+        passive_closes: Vec<(u32, u64)>,
+        loss: crate::kernel::tracer::Loss,
+    },
 }
 
 impl Event {
@@ -355,7 +371,9 @@ impl Event {
             Event::PortFailure(e) => e.ts_ns,
             Event::TwExisting { ts_ns, .. }
             | Event::Settings { ts_ns, .. }
-            | Event::LiveConnections { ts_ns, .. } => *ts_ns,
+            | Event::LiveConnections { ts_ns, .. }
+            | Event::KernelCounters { ts_ns, .. }
+            | Event::Snapshot { ts_ns, .. } => *ts_ns,
         }
     }
 }

@@ -3,7 +3,9 @@
 
 use twtrace_ebpf::{AF_INET, AF_INET6, COMM_LEN, Filter, MAX_PORT_FILTERS};
 
-use crate::event::{Endpoints, Family};
+use std::collections::HashSet;
+
+use crate::event::{Endpoints, Event, Family, Process, TwKey};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Filters {
@@ -63,6 +65,69 @@ impl Filters {
             && self.family.is_none_or(|f| f == c.family)
             && (self.lports.is_empty() || self.lports.contains(&c.lport))
             && (self.rports.is_empty() || self.rports.contains(&c.rport))
+    }
+}
+
+impl Filters {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn matches_process(&self, p: Option<&Process>) -> bool {
+        if !self.on_process() {
+            return true;
+        }
+        p.is_some_and(|p| {
+            self.pid.is_none_or(|pid| pid == p.pid)
+                && self.comm.as_ref().is_none_or(|c| *c == p.comm)
+        })
+    }
+}
+
+/// Applies [`Filters`] to recorded events, as the kernel would have: a TIME_WAIT's later
+/// events follow its entry.
+pub struct EventFilter {
+    f: Filters,
+    admitted: HashSet<TwKey>,
+}
+
+impl EventFilter {
+    pub fn new(f: Filters) -> Self {
+        Self {
+            f,
+            admitted: HashSet::new(),
+        }
+    }
+
+    /// Whether to keep `ev`; may trim a start-up scan to what passes.
+    pub fn admit(&mut self, ev: &mut Event) -> bool {
+        if self.f.is_empty() {
+            return true;
+        }
+        let f = &self.f;
+        match ev {
+            Event::TwEnter(e) => {
+                let ok = f.matches_conn(&e.conn) && f.matches_process(e.closer.as_ref());
+                if ok {
+                    self.admitted.insert(e.key);
+                }
+                ok
+            }
+            Event::TwResched(r) => self.admitted.contains(&r.key),
+            Event::TwEnd(e) => self.admitted.remove(&e.key),
+            Event::NoTimeWait(n) => f.matches_conn(&n.conn) && f.matches_process(n.closer.as_ref()),
+            Event::PortFailure(p) => f.matches_conn(&p.conn) && f.matches_process(Some(&p.process)),
+            Event::TwExisting { sockets, .. } => {
+                sockets.retain(|s| !f.on_process() && f.matches_conn(&s.conn));
+                self.admitted
+                    .extend(sockets.iter().map(|s| TwKey::new(s.cookie, 0)));
+                true
+            }
+            Event::Settings { netns, .. }
+            | Event::LiveConnections { netns, .. }
+            | Event::KernelCounters { netns, .. } => f.netns.is_none_or(|n| n == *netns),
+            Event::Snapshot { .. } => true,
+        }
     }
 }
 

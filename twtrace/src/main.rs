@@ -33,6 +33,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Some(Command::Trace(args)) => commands::trace::run(&args, verbose).await,
+            Some(Command::Record(args)) => commands::record::run(&args, verbose).await,
+            Some(Command::Report(args)) => commands::report::run(&args),
+            Some(Command::Compare(args)) => commands::compare::run(&args),
             Some(Command::Check) => commands::check::run(),
             None => commands::trace::run(&TraceArgs::default_for_live(), verbose).await,
         }

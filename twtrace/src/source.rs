@@ -21,6 +21,7 @@ pub struct LiveSource {
     ring: AsyncFd<RingBuf<MapData>>,
     scan: Option<JoinHandle<Vec<TwExisting>>>,
     drain_timer: tokio::time::Interval,
+    snapshot_timer: tokio::time::Interval,
     port_state: tokio::sync::mpsc::Receiver<Vec<Event>>,
     _poller: tokio::task::JoinHandle<()>,
     filters: Filters,
@@ -61,6 +62,8 @@ impl LiveSource {
         });
         let mut drain_timer = tokio::time::interval(tracer::DRAIN_EVERY);
         drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut snapshot_timer = tokio::time::interval(SNAPSHOT_EVERY);
+        snapshot_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (tx, port_state) = tokio::sync::mpsc::channel(4);
         let poller = tokio::spawn(poll_port_state(filters.netns, tx));
         Ok(Self {
@@ -68,6 +71,7 @@ impl LiveSource {
             ring,
             scan,
             drain_timer,
+            snapshot_timer,
             port_state,
             _poller: poller,
             filters: filters.clone(),
@@ -91,6 +95,10 @@ impl LiveSource {
                 guard.clear_ready();
             }
             Some(events) = self.port_state.recv() => out.extend(events),
+            _ = self.snapshot_timer.tick() => {
+                Self::drain_ring(self.ring.get_mut(), out, &mut self.decode_errors);
+                out.push(self.snapshot());
+            }
             _ = self.drain_timer.tick() => {
                 Self::drain_ring(self.ring.get_mut(), out, &mut self.decode_errors);
             }
@@ -136,6 +144,15 @@ impl LiveSource {
         self.tracer.loss()
     }
 
+    /// Counters as of now, as an event (recorded, so reports know closes and losses).
+    pub fn snapshot(&self) -> Event {
+        Event::Snapshot {
+            ts_ns: crate::aggregate::Clock::now_ns(&crate::aggregate::MonotonicClock),
+            passive_closes: self.tracer.passive_closes(),
+            loss: self.tracer.loss(),
+        }
+    }
+
     /// Records the decoder rejected (a kernel/userspace mismatch; should stay 0).
     pub fn decode_errors(&self) -> u64 {
         self.decode_errors
@@ -146,6 +163,9 @@ impl LiveSource {
         self.scan.is_some()
     }
 }
+
+/// How often counters are snapshotted into the event stream.
+pub const SNAPSHOT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How often each namespace's settings and live connections are read.
 pub const PORT_STATE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);

@@ -216,12 +216,14 @@ fn main() -> anyhow::Result<()> {
             thread::sleep(ms(50));
             report(serde_json::json!({ "connections": n }));
         }
-        // Connections opened and closed as fast as possible, alternating which side closes
-        // first, for `secs` seconds (at most `max` connections).
+        // Connections opened and closed alternating which side closes first, for `secs`
+        // seconds (at most `max` connections), as fast as possible or at `rate` per second.
         "churn" => {
             let secs: f64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3.0);
             let max: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(200_000);
-            let (n, failed) = churn(server, Duration::from_secs_f64(secs.min(600.0)), max)?;
+            let rate: f64 = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(0.0);
+            let dur = Duration::from_secs_f64(secs.min(600.0));
+            let (n, failed) = churn(server, dur, max, rate)?;
             report(serde_json::json!({ "connections": n, "failed": failed }));
         }
         other => bail!("unknown scenario {other:?}"),
@@ -229,7 +231,7 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn churn(server: &str, dur: Duration, max: u64) -> anyhow::Result<(u64, u64)> {
+fn churn(server: &str, dur: Duration, max: u64, rate: f64) -> anyhow::Result<(u64, u64)> {
     let l = listener(server)?;
     let server = server.to_string();
     let stop = Instant::now() + dur;
@@ -245,7 +247,15 @@ fn churn(server: &str, dur: Duration, max: u64) -> anyhow::Result<(u64, u64)> {
         }
     });
     let (mut n, mut failed) = (0u64, 0u64);
+    let start = Instant::now();
     while Instant::now() < stop && n < max {
+        if rate > 0.0 {
+            // Paced: the k-th attempt no earlier than k / rate seconds in.
+            let due = start + Duration::from_secs_f64((n + failed) as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+        }
         match TcpStream::connect(&server) {
             Ok(mut c) => {
                 if n % 2 == 1 {
@@ -254,7 +264,11 @@ fn churn(server: &str, dur: Duration, max: u64) -> anyhow::Result<(u64, u64)> {
                 }
                 n += 1;
             }
-            Err(_) => failed += 1,
+            Err(_) => {
+                // Out of ports: back off rather than spin.
+                failed += 1;
+                thread::sleep(ms(1));
+            }
         }
     }
     Ok((n, failed))

@@ -1,2 +1,5 @@
 pub mod check;
+pub mod compare;
+pub mod record;
+pub mod report;
 pub mod trace;

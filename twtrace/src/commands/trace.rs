@@ -20,17 +20,20 @@ use twtrace::{
 /// Used when the kernel's CONFIG_HZ cannot be read; only timer lengths depend on it.
 const FALLBACK_HZ: u32 = 250;
 
+pub fn hz() -> u32 {
+    config_hz().unwrap_or_else(|| {
+        log::warn!("cannot read CONFIG_HZ; assuming {FALLBACK_HZ} for timer lengths");
+        FALLBACK_HZ
+    })
+}
+
 pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     let filters = args.filter.filters()?;
     if !args.ring_mib.is_power_of_two() || args.ring_mib > 1024 {
         bail!("--ring-mib must be a power of two between 1 and 1024");
     }
     let mut source = LiveSource::start(&filters, verbose, args.ring_mib << 20, !args.no_existing)?;
-    let hz = config_hz().unwrap_or_else(|| {
-        log::warn!("cannot read CONFIG_HZ; assuming {FALLBACK_HZ} for timer lengths");
-        FALLBACK_HZ
-    });
-    let mut agg = Aggregator::new(MonotonicClock, hz);
+    let mut agg = Aggregator::new(MonotonicClock, hz());
     let mut printer = Printer {
         json: args.json,
         tb: TimeBase::now(),
@@ -87,24 +90,7 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     let loss = source.loss();
     if args.json {
         // A last object with the totals, so a consumer knows what the stream covered and lost.
-        let pressure = agg.pressure();
-        let advice = advice::advise(&Evidence::of(&agg, &pressure));
-        let settings: std::collections::BTreeMap<String, _> = agg
-            .settings()
-            .iter()
-            .map(|(n, s)| (n.to_string(), s))
-            .collect();
-        let summary = serde_json::json!({
-            "type": "summary",
-            "totals": agg.totals(),
-            "alive": agg.alive_count(),
-            "failures": agg.failures(),
-            "settings": settings,
-            "pressure": pressure.iter().take(10).collect::<Vec<_>>(),
-            "advice": advice,
-            "loss": loss,
-            "undecodable": source.decode_errors(),
-        });
+        let summary = json::summary(&agg, &loss, source.decode_errors());
         let _ = writeln!(stdout, "{summary}").and_then(|_| stdout.flush());
     }
     drop(stdout);
@@ -213,7 +199,7 @@ impl<W: io::Write> Printer<W> {
 }
 
 /// Never lose data silently: say so as soon as the kernel side drops anything.
-fn warn_new_loss(now: Loss, before: &Loss) -> Loss {
+pub fn warn_new_loss(now: Loss, before: &Loss) -> Loss {
     if now.ringbuf_full > before.ringbuf_full {
         eprintln!(
             "twtrace: WARNING: {} events lost (ring buffer full); try a larger --ring-mib or a filter",
@@ -229,7 +215,7 @@ fn warn_new_loss(now: Loss, before: &Loss) -> Loss {
     now
 }
 
-fn summary(agg: &Aggregator<MonotonicClock>, loss: &Loss, decode_errors: u64) {
+pub fn summary(agg: &Aggregator<MonotonicClock>, loss: &Loss, decode_errors: u64) {
     let t = agg.totals();
     eprintln!(
         "twtrace: {} TIME_WAITs entered ({} found at start), {} ended (expired {}, reused {}, recycled {}, reset {}, purged {}), {} still alive; closes without TIME_WAIT: overflow {}, abort {}, peer reset {}",

@@ -32,6 +32,27 @@ pub fn read() -> io::Result<NetnsSettings> {
     })
 }
 
+/// The kernel's TIME_WAIT counters of the calling thread's namespace (/proc/net/netstat).
+pub fn time_wait_counters() -> io::Result<std::collections::BTreeMap<String, u64>> {
+    Ok(parse_tcp_ext(&fs::read_to_string("/proc/net/netstat")?))
+}
+
+const COUNTERS: [&str; 4] = ["TW", "TWKilled", "TWRecycled", "TCPTimeWaitOverflow"];
+
+fn parse_tcp_ext(netstat: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return Default::default();
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .filter(|(n, _)| COUNTERS.contains(n))
+        .filter_map(|(n, v)| Some((n.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
 fn parse_range(s: &str) -> Option<(u16, u16)> {
     let mut it = s.split_whitespace().map(str::parse::<u16>);
     Some((it.next()?.ok()?, it.next()?.ok()?))
@@ -79,6 +100,17 @@ mod tests {
         assert!(!s.in_ephemeral_range(40002));
         assert!(s.in_ephemeral_range(40005));
         assert!(!s.in_ephemeral_range(39000));
+    }
+
+    #[test]
+    fn picks_time_wait_counters() {
+        let t = "TcpExt: SyncookiesSent TW TWRecycled TWKilled TCPTimeWaitOverflow\n\
+                 TcpExt: 0 12 3 4 5\nIpExt: x\nIpExt: 1\n";
+        let c = parse_tcp_ext(t);
+        assert_eq!(c["TW"], 12);
+        assert_eq!(c["TWKilled"], 4);
+        assert_eq!(c["TCPTimeWaitOverflow"], 5);
+        assert!(!c.contains_key("SyncookiesSent"));
     }
 
     #[test]

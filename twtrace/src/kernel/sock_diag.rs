@@ -100,13 +100,19 @@ pub fn snapshot(only: Option<u32>) -> Vec<TwExisting> {
         .collect()
 }
 
-/// Reads a namespace's settings, and counts its live connections on ephemeral local ports per
-/// destination, as two events.
-pub fn port_state_in(path: &Path, netns: u32, ts_ns: u64) -> io::Result<[Event; 2]> {
+/// Reads a namespace's settings and kernel TIME_WAIT counters, and counts its live
+/// connections on ephemeral local ports per destination, as three events.
+pub fn port_state_in(path: &Path, netns: u32, ts_ns: u64) -> io::Result<[Event; 3]> {
     netns::run_in(path, move || {
         let s = settings::read()?;
         let counts = live_counts(&s, netns)?;
+        let counters = settings::time_wait_counters()?;
         Ok([
+            Event::KernelCounters {
+                ts_ns,
+                netns,
+                counters,
+            },
             Event::Settings {
                 ts_ns,
                 netns,

@@ -8,7 +8,7 @@ use std::{
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePoint, ProgramError, TracePoint},
 };
 use twtrace_ebpf::{Config, Filter, counter};
@@ -109,7 +109,7 @@ pub struct TracerOptions {
 }
 
 /// Events the kernel side could not deliver, and program runs the kernel skipped.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Loss {
     /// Events dropped because the ring buffer was full.
     pub ringbuf_full: u64,
@@ -123,12 +123,16 @@ pub struct Loss {
     /// Skipped runs that cannot lose an event (see `Hook::miss_loses_data`).
     pub recursion_misses_harmless: u64,
     /// Skipped runs per program.
-    pub recursion_misses_by_program: std::collections::BTreeMap<&'static str, u64>,
+    pub recursion_misses_by_program: std::collections::BTreeMap<String, u64>,
 }
 
 impl Loss {
+    /// Nothing lost (harmless recursion misses aside).
     pub fn is_zero(&self) -> bool {
-        *self == Self::default()
+        self.ringbuf_full == 0
+            && self.conn_map_fail == 0
+            && self.read_fail == 0
+            && self.recursion_misses == 0
     }
 }
 
@@ -214,6 +218,7 @@ const BIND_HOOKS: &[(&str, &str)] = &[
 pub struct Tracer {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
+    passive_closes: PerCpuHashMap<MapData, u32, u64>,
     _logger: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -280,14 +285,29 @@ impl Tracer {
                 .ok_or(TracerError::Missing("COUNTERS"))?,
         )
         .map_err(|e| TracerError::Map("COUNTERS", e))?;
+        let passive_closes = PerCpuHashMap::try_from(
+            ebpf.take_map("PASSIVE_CLOSES")
+                .ok_or(TracerError::Missing("PASSIVE_CLOSES"))?,
+        )
+        .map_err(|e| TracerError::Map("PASSIVE_CLOSES", e))?;
         Ok((
             Self {
                 ebpf,
                 counters,
+                passive_closes,
                 _logger: logger,
             },
             ring,
         ))
+    }
+
+    /// Passive closes (LAST_ACK->CLOSE) so far, per network namespace.
+    pub fn passive_closes(&self) -> Vec<(u32, u64)> {
+        self.passive_closes
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(netns, per_cpu)| (netns, per_cpu.iter().sum()))
+            .collect()
     }
 
     /// Reads the loss counters (cheap: a few syscalls).
@@ -315,7 +335,7 @@ impl Tracer {
                 loss.recursion_misses_harmless += misses;
             }
             loss.recursion_misses_by_program
-                .insert(hook.program, misses);
+                .insert(hook.program.to_string(), misses);
         }
         loss
     }

@@ -149,6 +149,33 @@ fn port_failure(r: &PortFailureRecord, tb: &TimeBase, cgroups: &mut CgroupNames)
     .expect("records serialize")
 }
 
+/// The last object of a stream: totals, settings, pressure, advice and what was lost.
+pub fn summary<C: crate::aggregate::Clock>(
+    agg: &crate::aggregate::Aggregator<C>,
+    loss: &crate::kernel::tracer::Loss,
+    undecodable: u64,
+) -> serde_json::Value {
+    let pressure = agg.pressure();
+    let advice = crate::advice::advise(&crate::advice::Evidence::of(agg, &pressure));
+    let settings: std::collections::BTreeMap<String, _> = agg
+        .settings()
+        .iter()
+        .map(|(n, s)| (n.to_string(), s))
+        .collect();
+    serde_json::json!({
+        "type": "summary",
+        "totals": agg.totals(),
+        "alive": agg.alive_count(),
+        "connections_closed": agg.connections_closed(),
+        "failures": agg.failures(),
+        "settings": settings,
+        "pressure": pressure.iter().take(10).collect::<Vec<_>>(),
+        "advice": advice,
+        "loss": loss,
+        "undecodable": undecodable,
+    })
+}
+
 /// A destination's port pressure, as a `port_pressure` object.
 pub fn pressure_line(p: &crate::aggregate::Pressure, tb: &TimeBase, now_ns: u64) -> String {
     let mut v = serde_json::to_value(p).expect("pressure serializes");

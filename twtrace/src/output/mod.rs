@@ -2,6 +2,7 @@
 
 pub mod json;
 pub mod lines;
+pub mod report_text;
 
 use chrono::{DateTime, Local, TimeZone as _, Utc};
 
@@ -27,6 +28,10 @@ impl TimeBase {
         Self {
             offset_ns: real - mono,
         }
+    }
+
+    pub fn offset_ns(&self) -> i128 {
+        self.offset_ns
     }
 
     /// For tests and recordings: a fixed offset.

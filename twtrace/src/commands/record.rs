@@ -1,0 +1,142 @@
+//! `twtrace record`: every event of the aggregator's input, to a file.
+
+use std::{collections::BTreeMap, io::Write as _, time::Duration};
+
+use anyhow::{Context as _, bail};
+use tokio::signal::unix::{SignalKind, signal};
+use twtrace::{
+    aggregate::{Aggregator, MonotonicClock},
+    cli::RecordArgs,
+    kernel::{netns, settings},
+    output::{TimeBase, json},
+    record::{FORMAT, Header, Recorder, Rotation, VERSION},
+    source::LiveSource,
+};
+
+use super::trace::{hz, summary, warn_new_loss};
+
+pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
+    let filters = args.filter.filters()?;
+    if !args.ring_mib.is_power_of_two() || args.ring_mib > 1024 {
+        bail!("--ring-mib must be a power of two between 1 and 1024");
+    }
+    let mut source = LiveSource::start(&filters, verbose, args.ring_mib << 20, !args.no_existing)?;
+    let hz = hz();
+    let header = Header {
+        ev: "header".into(),
+        format: FORMAT.into(),
+        version: VERSION,
+        hostname: read_proc("/proc/sys/kernel/hostname"),
+        kernel: read_proc("/proc/sys/kernel/osrelease"),
+        boot_time: boot_time(),
+        twtrace_version: env!("CARGO_PKG_VERSION").into(),
+        command_line: std::env::args().collect(),
+        hz,
+        clock_offset_ns: TimeBase::now().offset_ns(),
+        settings: start_settings(filters.netns),
+    };
+    let mut rec = Recorder::create(
+        &args.output,
+        header,
+        Rotation {
+            max_bytes: args.max_size.unwrap_or(0),
+            keep: args.keep,
+        },
+    )?;
+    let mut agg = Aggregator::new(MonotonicClock, hz);
+    eprintln!(
+        "twtrace: recording TIME_WAIT to {}; Ctrl-C to stop",
+        args.output.display()
+    );
+
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let deadline = async {
+        match args.duration {
+            Some(s) => tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    // A frame a second: a crash loses at most the frame being built.
+    let mut flush = tokio::time::interval(Duration::from_secs(1));
+    let mut events = Vec::new();
+    let mut sink = Vec::new();
+    let mut reported = Default::default();
+    loop {
+        tokio::select! {
+            r = source.read(&mut events) => r.context("reading kernel events")?,
+            _ = flush.tick() => {
+                rec.flush()?;
+                agg.tick();
+                reported = warn_new_loss(source.loss(), &reported);
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut deadline => break,
+        }
+        for e in events.drain(..) {
+            rec.push(&e);
+            agg.ingest(e, &mut sink);
+        }
+        sink.clear();
+    }
+    source.drain(&mut events);
+    events.push(source.snapshot());
+    for e in events.drain(..) {
+        rec.push(&e);
+        agg.ingest(e, &mut sink);
+    }
+    rec.flush()?;
+    let loss = source.loss();
+    eprintln!(
+        "twtrace: recorded {} events in {} bytes ({:.1} bytes/event) to {}",
+        rec.events,
+        rec.bytes,
+        rec.bytes as f64 / rec.events.max(1) as f64,
+        args.output.display()
+    );
+    summary(&agg, &loss, source.decode_errors());
+    if args.json {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "{}",
+            json::summary(&agg, &loss, source.decode_errors())
+        )?;
+    }
+    Ok(())
+}
+
+fn read_proc(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Boot time from /proc/stat's btime, RFC 3339.
+fn boot_time() -> String {
+    let btime = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<i64>().ok())
+        })
+        .unwrap_or(0);
+    chrono::DateTime::from_timestamp(btime, 0)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default()
+}
+
+/// The settings of each traced namespace as the recording starts.
+fn start_settings(only: Option<u32>) -> BTreeMap<String, twtrace::event::NetnsSettings> {
+    netns::enumerate()
+        .into_iter()
+        .filter(|n| only.is_none_or(|o| o == n.inode))
+        .filter_map(|n| {
+            let s = netns::run_in(&n.path, settings::read).ok()?;
+            Some((n.inode.to_string(), s))
+        })
+        .collect()
+}

@@ -1,0 +1,438 @@
+//! Trace files: what `twtrace record` writes and `report`, `replay` and `compare` read.
+//!
+//! Format: newline-delimited JSON, the first object a [`Header`], every other one an
+//! [`Event`] (the aggregator's input, tagged by `ev`), compressed as a sequence of independent
+//! zstd frames, one per second, each with a content checksum.
+//!
+//! Why this over a binary format of our own, Arrow IPC or Parquet:
+//! - any tool that reads zstd reads it: `zstdcat f.twt | jq`, DuckDB's `read_json`, pandas'
+//!   `read_json(lines=True, compression="zstd")`; no twtrace needed;
+//! - a frame per second makes it a stream that survives a crash: after `kill -9` only the frame
+//!   being built is lost; a truncated or damaged file still opens, from the next good frame;
+//! - zstd (a well-kept library, with checksums) removes the repetition of JSON keys: a
+//!   recording at churn costs a few tens of bytes per event (BENCH.md has the measured figure);
+//! - Parquet needs its footer, so a killed recording is unreadable; Arrow IPC would add a large
+//!   dependency and leave jq out.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
+    os::unix::fs::{OpenOptionsExt, chown},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Event, NetnsSettings};
+
+pub const FORMAT: &str = "twtrace-trace";
+pub const VERSION: u32 = 1;
+/// zstd's frame magic number, little-endian.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+const LEVEL: i32 = 6;
+
+/// First line of every trace file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    /// Always "header": lets `jq 'select(.ev == "header")'` find it.
+    pub ev: String,
+    pub format: String,
+    pub version: u32,
+    pub hostname: String,
+    pub kernel: String,
+    /// RFC 3339.
+    pub boot_time: String,
+    pub twtrace_version: String,
+    pub command_line: Vec<String>,
+    /// CONFIG_HZ, which timer lengths in events are counted in.
+    pub hz: u32,
+    /// CLOCK_REALTIME - CLOCK_MONOTONIC in ns: event `ts_ns` + this = Unix time in ns.
+    pub clock_offset_ns: i128,
+    /// Settings of each traced namespace at the start, by inode.
+    pub settings: std::collections::BTreeMap<String, NetnsSettings>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("{path}: not a twtrace trace ({why})")]
+    NotATrace { path: String, why: String },
+    #[error("{path}: trace format version {found} is newer than this twtrace reads ({VERSION})")]
+    Version { path: String, found: u32 },
+}
+
+fn io_err(path: &Path) -> impl Fn(io::Error) -> RecordError + '_ {
+    move |source| RecordError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Where and how to rotate.
+#[derive(Clone, Debug)]
+pub struct Rotation {
+    /// Start a new file once this many bytes are written (0: never).
+    pub max_bytes: u64,
+    /// Rotated files kept besides the current one (FILE.1 ... FILE.N).
+    pub keep: u32,
+}
+
+/// Writes a trace file, one zstd frame per [`Recorder::flush`].
+pub struct Recorder {
+    path: PathBuf,
+    header: Header,
+    file: File,
+    written: u64,
+    buf: Vec<u8>,
+    compressor: zstd::bulk::Compressor<'static>,
+    rotation: Rotation,
+    owner: Option<(u32, u32)>,
+    pub events: u64,
+    pub bytes: u64,
+}
+
+impl Recorder {
+    /// Creates (truncates) `path`, mode 0600, owned by the invoking user under sudo.
+    pub fn create(path: &Path, header: Header, rotation: Rotation) -> Result<Self, RecordError> {
+        let owner = sudo_owner();
+        let mut compressor = zstd::bulk::Compressor::new(LEVEL).map_err(io_err(path))?;
+        compressor
+            .set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+            .map_err(io_err(path))?;
+        let mut r = Self {
+            path: path.to_path_buf(),
+            file: open_new(path, owner)?,
+            header,
+            written: 0,
+            buf: Vec::with_capacity(1 << 20),
+            compressor,
+            rotation,
+            owner,
+            events: 0,
+            bytes: 0,
+        };
+        r.write_header()?;
+        Ok(r)
+    }
+
+    /// Starts a file: its header, in a frame of its own.
+    fn write_header(&mut self) -> Result<(), RecordError> {
+        let mut line = serde_json::to_vec(&self.header).expect("header serializes");
+        line.push(b'\n');
+        self.write_frame(&line)
+    }
+
+    fn write_frame(&mut self, data: &[u8]) -> Result<(), RecordError> {
+        let frame = self.compressor.compress(data).map_err(io_err(&self.path))?;
+        self.file.write_all(&frame).map_err(io_err(&self.path))?;
+        self.written += frame.len() as u64;
+        self.bytes += frame.len() as u64;
+        Ok(())
+    }
+
+    pub fn push(&mut self, ev: &Event) {
+        serde_json::to_writer(&mut self.buf, ev).expect("events serialize");
+        self.buf.push(b'\n');
+        self.events += 1;
+    }
+
+    /// Writes what was pushed since the last flush as one frame; rotates if due.
+    pub fn flush(&mut self) -> Result<(), RecordError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let buf = std::mem::take(&mut self.buf);
+        self.write_frame(&buf)?;
+        self.buf = buf;
+        self.buf.clear();
+        if self.rotation.max_bytes > 0 && self.written >= self.rotation.max_bytes {
+            self.rotate()?;
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<(), RecordError> {
+        let name = |i: u32| PathBuf::from(format!("{}.{i}", self.path.display()));
+        if self.rotation.keep == 0 {
+            fs::remove_file(&self.path).map_err(io_err(&self.path))?;
+        } else {
+            let _ = fs::remove_file(name(self.rotation.keep));
+            for i in (1..self.rotation.keep).rev() {
+                let _ = fs::rename(name(i), name(i + 1));
+            }
+            fs::rename(&self.path, name(1)).map_err(io_err(&self.path))?;
+        }
+        self.file = open_new(&self.path, self.owner)?;
+        self.written = 0;
+        self.write_header()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
+fn open_new(path: &Path, owner: Option<(u32, u32)>) -> Result<File, RecordError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    if let Some((uid, gid)) = owner {
+        chown(path, Some(uid), Some(gid)).map_err(io_err(path))?;
+    }
+    Ok(f)
+}
+
+/// The user who ran `sudo twtrace`, so the recording is theirs.
+fn sudo_owner() -> Option<(u32, u32)> {
+    let uid = std::env::var("SUDO_UID").ok()?.parse().ok()?;
+    let gid = std::env::var("SUDO_GID").ok()?.parse().ok()?;
+    Some((uid, gid))
+}
+
+/// A trace file read back, with what had to be skipped.
+pub struct Trace {
+    pub header: Header,
+    pub events: Vec<Event>,
+    /// Damage found and skipped, one sentence each.
+    pub warnings: Vec<String>,
+}
+
+/// Reads a whole trace file. A truncated or partly corrupt file is read up to and around the
+/// damage, which `warnings` describes.
+pub fn read(path: &Path) -> Result<Trace, RecordError> {
+    let data = fs::read(path).map_err(io_err(path))?;
+    let name = path.display().to_string();
+    if data.len() < 4 || data[..4] != ZSTD_MAGIC {
+        return Err(RecordError::NotATrace {
+            path: name,
+            why: "it does not start with a zstd frame".into(),
+        });
+    }
+    let mut warnings = Vec::new();
+    let mut lines: Vec<u8> = Vec::new();
+    let mut off = 0usize;
+    while off < data.len() {
+        let rest = &data[off..];
+        let decoded = zstd::zstd_safe::find_frame_compressed_size(rest)
+            .ok()
+            .filter(|&n| n <= rest.len())
+            .and_then(|n| Some((n, zstd::stream::decode_all(&rest[..n]).ok()?)));
+        match decoded {
+            Some((n, frame)) => {
+                lines.extend_from_slice(&frame);
+                off += n;
+            }
+            None => {
+                // Damaged or cut short: skip to the next frame, if any.
+                let next = data[off + 1..]
+                    .windows(4)
+                    .position(|w| w == ZSTD_MAGIC)
+                    .map(|p| off + 1 + p);
+                match next {
+                    Some(n) => {
+                        warnings.push(format!(
+                            "{name}: damaged data at bytes {off}..{n} skipped (about a second of events lost)"
+                        ));
+                        off = n;
+                    }
+                    None => {
+                        warnings.push(format!(
+                            "{name}: file cut short at byte {off} of {}: the last second or so of events is lost",
+                            data.len()
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let mut it = lines.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+    let header: Header = it
+        .next()
+        .and_then(|l| serde_json::from_slice(l).ok())
+        .filter(|h: &Header| h.format == FORMAT)
+        .ok_or_else(|| RecordError::NotATrace {
+            path: name.clone(),
+            why: "no twtrace header".into(),
+        })?;
+    if header.version > VERSION {
+        return Err(RecordError::Version {
+            path: name,
+            found: header.version,
+        });
+    }
+    let mut events = Vec::new();
+    let mut bad = 0u64;
+    for l in it {
+        match serde_json::from_slice::<Event>(l) {
+            Ok(e) => events.push(e),
+            // A later header (rotation writes one per file) is not an event.
+            Err(_) if l.starts_with(br#"{"ev":"header""#) => {}
+            Err(_) => bad += 1,
+        }
+    }
+    if bad > 0 {
+        warnings.push(format!("{name}: {bad} unreadable lines skipped"));
+    }
+    Ok(Trace {
+        header,
+        events,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::tests::{end, enter};
+    use crate::event::{EndReason, Substate, TwKey};
+
+    fn header() -> Header {
+        Header {
+            ev: "header".into(),
+            format: FORMAT.into(),
+            version: VERSION,
+            hostname: "h".into(),
+            kernel: "6.18".into(),
+            boot_time: "2026-01-01T00:00:00Z".into(),
+            twtrace_version: "0".into(),
+            command_line: vec!["twtrace".into(), "record".into()],
+            hz: 250,
+            clock_offset_ns: 0,
+            settings: Default::default(),
+        }
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("twtrace-{}-{name}", std::process::id()))
+    }
+
+    fn write(path: &Path, seconds: u64) -> Vec<Event> {
+        let mut r = Recorder::create(
+            path,
+            header(),
+            Rotation {
+                max_bytes: 0,
+                keep: 0,
+            },
+        )
+        .unwrap();
+        let mut all = vec![];
+        for s in 0..seconds {
+            let k = TwKey::Cookie(s + 1);
+            for e in [
+                enter(k, s * 1_000_000_000, Substate::TimeWait),
+                end(k, s * 1_000_000_000 + 5, EndReason::Expired),
+            ] {
+                r.push(&e);
+                all.push(e);
+            }
+            r.flush().unwrap();
+        }
+        all
+    }
+
+    #[test]
+    fn round_trip_and_permissions() {
+        let p = tmp("rt.twt");
+        let written = write(&p, 3);
+        let t = read(&p).unwrap();
+        assert_eq!(t.header, header());
+        assert_eq!(t.events, written);
+        assert!(t.warnings.is_empty());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn truncated_file_keeps_whole_frames_and_says_so() {
+        let p = tmp("trunc.twt");
+        let written = write(&p, 5);
+        let len = fs::metadata(&p).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(len - 7).unwrap();
+        let t = read(&p).unwrap();
+        assert_eq!(t.events, written[..8], "the last second is lost, no more");
+        assert!(t.warnings[0].contains("cut short"), "{:?}", t.warnings);
+        fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn corrupt_frame_is_skipped() {
+        let p = tmp("corrupt.twt");
+        let written = write(&p, 4);
+        let mut data = fs::read(&p).unwrap();
+        // Damage the middle of the file: one frame fails its checksum.
+        let mid = data.len() / 2;
+        data[mid] ^= 0xff;
+        data[mid + 1] ^= 0xff;
+        fs::write(&p, &data).unwrap();
+        let t = read(&p).unwrap();
+        assert!(!t.warnings.is_empty());
+        assert!(
+            t.events.len() >= written.len() - 4,
+            "only the damaged frame is lost"
+        );
+        fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn rotation_keeps_n_files_each_with_a_header() {
+        let p = tmp("rot.twt");
+        let mut r = Recorder::create(
+            &p,
+            header(),
+            Rotation {
+                max_bytes: 1,
+                keep: 2,
+            },
+        )
+        .unwrap();
+        for s in 0..5u64 {
+            r.push(&enter(TwKey::Cookie(s + 1), s, Substate::TimeWait));
+            r.flush().unwrap();
+        }
+        drop(r);
+        for f in [
+            p.clone(),
+            PathBuf::from(format!("{}.1", p.display())),
+            PathBuf::from(format!("{}.2", p.display())),
+        ] {
+            assert_eq!(read(&f).unwrap().header.format, FORMAT, "{}", f.display());
+            fs::remove_file(f).unwrap();
+        }
+        assert!(!Path::new(&format!("{}.3", p.display())).exists());
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_trace() {
+        let p = tmp("nottrace");
+        fs::write(&p, b"hello").unwrap();
+        assert!(matches!(read(&p), Err(RecordError::NotATrace { .. })));
+        fs::remove_file(p).unwrap();
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+            let p = tmp(&format!("fuzz-{}", data.len()));
+            let mut d = ZSTD_MAGIC.to_vec();
+            d.extend(data);
+            fs::write(&p, &d).unwrap();
+            let _ = read(&p);
+            fs::remove_file(p).unwrap();
+        }
+    }
+}

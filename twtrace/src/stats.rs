@@ -1,0 +1,268 @@
+//! Distributions and per-process counts the aggregator keeps for views and reports.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::event::{EndReason, Role};
+
+/// Sub-buckets per power of two: about 9% precision.
+const SUB: u32 = 8;
+const BUCKETS: usize = 40 * SUB as usize;
+
+/// A log-scale histogram of durations, in microseconds: fixed size, mergeable, exact count,
+/// sum, min and max; quantiles to within one bucket (~9%).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogHistogram {
+    counts: Box<[u32; BUCKETS]>,
+    pub count: u64,
+    pub sum_us: u64,
+    pub min_us: u64,
+    pub max_us: u64,
+}
+
+impl Default for LogHistogram {
+    fn default() -> Self {
+        Self {
+            counts: Box::new([0; BUCKETS]),
+            count: 0,
+            sum_us: 0,
+            min_us: u64::MAX,
+            max_us: 0,
+        }
+    }
+}
+
+fn bucket(us: u64) -> usize {
+    if us < 2 {
+        return us as usize;
+    }
+    let octave = 63 - us.leading_zeros();
+    let frac = ((us << SUB.trailing_zeros()) >> octave) as u32 - SUB;
+    ((octave * SUB + frac) as usize).min(BUCKETS - 1)
+}
+
+/// Lower bound of bucket `i`, in microseconds.
+fn lower(i: usize) -> u64 {
+    if i < 2 * SUB as usize {
+        // The first octaves are exact or nearly: index as value.
+        return if i < 2 { i as u64 } else { lower_general(i) };
+    }
+    lower_general(i)
+}
+
+fn lower_general(i: usize) -> u64 {
+    let octave = i as u32 / SUB;
+    let frac = i as u32 % SUB;
+    ((u64::from(SUB) + u64::from(frac)) << octave) >> SUB.trailing_zeros()
+}
+
+impl LogHistogram {
+    pub fn record(&mut self, ns: u64) {
+        let us = ns / 1000;
+        self.counts[bucket(us)] += 1;
+        self.count += 1;
+        self.sum_us += us;
+        self.min_us = self.min_us.min(us);
+        self.max_us = self.max_us.max(us);
+    }
+
+    pub fn merge(&mut self, other: &Self) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.sum_us += other.sum_us;
+        self.min_us = self.min_us.min(other.min_us);
+        self.max_us = self.max_us.max(other.max_us);
+    }
+
+    pub fn mean_ms(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum_us as f64 / self.count as f64 / 1000.0)
+    }
+
+    /// The `q` quantile (0..=1) in milliseconds.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        if q >= 1.0 {
+            return Some(self.max_us as f64 / 1000.0);
+        }
+        let rank = (q * self.count as f64).ceil().max(1.0) as u64;
+        let mut seen = 0u64;
+        for (i, &c) in self.counts.iter().enumerate() {
+            seen += u64::from(c);
+            if seen >= rank {
+                // The bucket's middle, kept within what was actually seen.
+                let (lo, hi) = (lower(i), lower(i + 1).max(lower(i) + 1));
+                let mid = (lo + hi) as f64 / 2.0;
+                let mid = mid.clamp(self.min_us as f64, self.max_us as f64);
+                return Some(mid / 1000.0);
+            }
+        }
+        Some(self.max_us as f64 / 1000.0)
+    }
+
+    /// (upper bound in ms, count) for each non-empty bucket, in order: for drawing.
+    pub fn buckets_ms(&self) -> impl Iterator<Item = (f64, u32)> + '_ {
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, &c)| (lower(i + 1) as f64 / 1000.0, c))
+    }
+}
+
+/// Lifetime quantiles as reports show them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Lifetimes {
+    pub count: u64,
+    pub mean_ms: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p90_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+}
+
+impl From<&LogHistogram> for Lifetimes {
+    fn from(h: &LogHistogram) -> Self {
+        Self {
+            count: h.count,
+            mean_ms: h.mean_ms(),
+            p50_ms: h.quantile_ms(0.5),
+            p90_ms: h.quantile_ms(0.9),
+            p99_ms: h.quantile_ms(0.99),
+            max_ms: h.quantile_ms(1.0),
+        }
+    }
+}
+
+/// Who closed first, as the tables group it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ProcKey {
+    pub pid: u32,
+    pub comm: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ProcStats {
+    pub cgroup_id: u64,
+    pub entered: u64,
+    pub client: u64,
+    pub server: u64,
+    pub ended: u64,
+    pub reused: u64,
+    pub recycled: u64,
+    pub lifetimes: LogHistogram,
+}
+
+/// Processes beyond this many are folded into one row ("other"), so memory stays bounded.
+pub const MAX_PROCESSES: usize = 4096;
+
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub lifetimes: LogHistogram,
+    pub by_process: HashMap<ProcKey, ProcStats>,
+}
+
+impl Stats {
+    fn proc_mut(&mut self, key: ProcKey) -> &mut ProcStats {
+        let key = if self.by_process.len() >= MAX_PROCESSES && !self.by_process.contains_key(&key) {
+            ProcKey {
+                pid: 0,
+                comm: "other".into(),
+            }
+        } else {
+            key
+        };
+        self.by_process.entry(key).or_default()
+    }
+
+    pub fn entered(&mut self, key: ProcKey, cgroup_id: u64, role: Role) {
+        let p = self.proc_mut(key);
+        p.cgroup_id = cgroup_id;
+        p.entered += 1;
+        match role {
+            Role::Client => p.client += 1,
+            Role::Server => p.server += 1,
+            Role::Unknown => {}
+        }
+    }
+
+    pub fn ended(&mut self, key: ProcKey, end: EndReason, lifetime_ns: u64) {
+        self.lifetimes.record(lifetime_ns);
+        let p = self.proc_mut(key);
+        p.ended += 1;
+        match end {
+            EndReason::Reused => p.reused += 1,
+            EndReason::Recycled => p.recycled += 1,
+            _ => {}
+        }
+        p.lifetimes.record(lifetime_ns);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_tight() {
+        let mut last = 0;
+        for us in [0u64, 1, 2, 3, 7, 8, 100, 1000, 60_000_000, 1 << 38] {
+            let b = bucket(us);
+            assert!(b >= last, "{us}");
+            last = b;
+            if us >= 16 && b < BUCKETS - 1 {
+                assert!(
+                    lower(b) <= us && us < lower(b + 1),
+                    "{us}: {} {}",
+                    lower(b),
+                    lower(b + 1)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quantiles_within_a_bucket() {
+        let mut h = LogHistogram::default();
+        for ms in 1..=1000u64 {
+            h.record(ms * 1_000_000);
+        }
+        let p50 = h.quantile_ms(0.5).unwrap();
+        let p99 = h.quantile_ms(0.99).unwrap();
+        assert!((p50 - 500.0).abs() / 500.0 < 0.1, "{p50}");
+        assert!((p99 - 990.0).abs() / 990.0 < 0.1, "{p99}");
+        assert_eq!(h.quantile_ms(1.0), Some(1000.0));
+        assert!((h.mean_ms().unwrap() - 500.5).abs() < 0.01);
+        let mut sixty = LogHistogram::default();
+        sixty.record(60_500_000_000);
+        assert_eq!(sixty.quantile_ms(0.5), Some(60_500.0));
+        h.merge(&sixty);
+        assert_eq!(h.count, 1001);
+        assert_eq!(h.quantile_ms(1.0), Some(60_500.0));
+    }
+
+    #[test]
+    fn processes_are_bounded() {
+        let mut s = Stats::default();
+        for pid in 0..(MAX_PROCESSES as u32 + 10) {
+            s.entered(
+                ProcKey {
+                    pid: pid + 1,
+                    comm: "c".into(),
+                },
+                0,
+                Role::Client,
+            );
+        }
+        assert_eq!(s.by_process.len(), MAX_PROCESSES + 1);
+        let other = ProcKey {
+            pid: 0,
+            comm: "other".into(),
+        };
+        assert_eq!(s.by_process[&other].entered, 10);
+    }
+}
