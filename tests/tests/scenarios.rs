@@ -599,3 +599,122 @@ fn compare_shows_the_effect_of_tcp_tw_reuse() {
         let _ = std::fs::remove_file(f);
     }
 }
+
+fn tmux(args: &[&str]) -> String {
+    let out = std::process::Command::new("tmux")
+        .args(args)
+        .output()
+        .expect("tmux");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn live_view_in_tmux_matches_ss_and_quits_cleanly() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("live");
+    let session = format!("twt-live-{}", std::process::id());
+    let cmd = format!(
+        "{} --netns {} --interval 0.5; echo EXIT=$?; sleep 60",
+        twtrace_integration::twtrace_bin().display(),
+        ns.name
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "160",
+        "-y",
+        "45",
+        &cmd,
+    ]);
+    let screen = || tmux(&["capture-pane", "-p", "-t", &session]);
+    let wait = |what: &str, pred: &dyn Fn(&str) -> bool| {
+        let until = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let s = screen();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "waiting for {what}:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait("the view", &|s| s.contains("TIME_WAIT alive 0"));
+    ns.twload(&["fill", "127.0.0.1:8080", "12"]);
+    let by_ss = twtrace_integration::count_time_waits(&ns, 8080);
+    assert_eq!(by_ss, 12);
+    let s = wait("the TIME_WAITs", &|s| {
+        s.contains(&format!("TIME_WAIT alive {by_ss} "))
+    });
+    assert!(s.contains("twload"), "{s}");
+    assert!(s.contains(&format!("netns {}", ns.inode)), "{s}");
+    // The destination table shows where the ports went.
+    tmux(&["send-keys", "-t", &session, "Tab"]);
+    wait("the destination table", &|s| {
+        s.contains("127.0.0.1:8080") && s.contains("PRESSURE")
+    });
+    tmux(&["send-keys", "-t", &session, "q"]);
+    let s = wait("exit", &|s| s.contains("EXIT="));
+    assert!(s.contains("EXIT=0"), "{s}");
+    // The alternate screen is gone: the view's text no longer shows.
+    assert!(
+        !s.contains("TIME_WAIT alive"),
+        "terminal not restored:\n{s}"
+    );
+    tmux(&["kill-session", "-t", &session]);
+}
+
+#[test]
+fn replay_drives_the_live_view_from_a_recording() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("replay");
+    let file = tmp_trace("replay");
+    let mut rec = twtrace_integration::Recording::start(&ns, &file);
+    ns.twload(&["fill", "127.0.0.1:8080", "7"]);
+    std::thread::sleep(Duration::from_millis(300));
+    rec.stop();
+    let session = format!("twt-replay-{}", std::process::id());
+    let cmd = format!(
+        "{} replay {file} --speed 20; echo EXIT=$?; sleep 60",
+        twtrace_integration::twtrace_bin().display()
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "160",
+        "-y",
+        "45",
+        &cmd,
+    ]);
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    let mut s = String::new();
+    while std::time::Instant::now() < until {
+        s = tmux(&["capture-pane", "-p", "-t", &session]);
+        if s.contains("TIME_WAIT alive 7 ") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        s.contains("REPLAY") && s.contains("TIME_WAIT alive 7 "),
+        "{s}"
+    );
+    assert!(s.contains("twload"), "{s}");
+    tmux(&["send-keys", "-t", &session, "q"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(tmux(&["capture-pane", "-p", "-t", &session]).contains("EXIT=0"));
+    tmux(&["kill-session", "-t", &session]);
+    let _ = std::fs::remove_file(&file);
+}

@@ -8,6 +8,7 @@ use crate::{event::Family, filter::Filters, kernel::netns};
 #[command(
     name = "twtrace",
     version,
+    args_conflicts_with_subcommands = true,
     about = "Explains TCP TIME_WAIT: who closed first, how long each TIME_WAIT lived, how it ended",
     long_about = None
 )]
@@ -15,8 +16,27 @@ pub struct Cli {
     /// Log more (-v: twtrace and kernel-side diagnostics, -vv: debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// With no command: the live view.
+    #[command(flatten)]
+    pub live: LiveArgs,
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// `sudo twtrace`: the live view.
+#[derive(Debug, Args, Default)]
+pub struct LiveArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Seconds between refreshes.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    pub interval: f64,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// Kernel ring buffer size in MiB (a power of two).
+    #[arg(long, value_name = "MIB", default_value_t = 8)]
+    pub ring_mib: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -29,6 +49,8 @@ pub enum Command {
     Report(ReportArgs),
     /// Compare two recordings: did the tuning work?
     Compare(CompareArgs),
+    /// The live view, driven by a recording (no root needed).
+    Replay(ReplayArgs),
     /// Check that this kernel and these privileges can run twtrace, and show what it resolved.
     Check,
 }
@@ -76,6 +98,18 @@ pub struct ReportArgs {
     /// End of the window, same forms as --from.
     #[arg(long, value_name = "TIME")]
     pub to: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The recording.
+    pub file: std::path::PathBuf,
+    /// Playback speed: 2 is twice as fast as it happened.
+    #[arg(long, default_value_t = 1.0)]
+    pub speed: f64,
+    /// Seconds between refreshes (of playback time).
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    pub interval: f64,
 }
 
 #[derive(Debug, Args)]
@@ -182,17 +216,6 @@ pub struct TraceArgs {
     /// Every 10 s, print destinations whose local ports are at least this % held.
     #[arg(long, value_name = "PCT", default_value_t = 50.0)]
     pub pressure_pct: f64,
-}
-
-impl TraceArgs {
-    /// What `twtrace` with no command runs until the live view exists.
-    pub fn default_for_live() -> Self {
-        Self {
-            ring_mib: 8,
-            pressure_pct: 50.0,
-            ..Self::default()
-        }
-    }
 }
 
 #[cfg(test)]

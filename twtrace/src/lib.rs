@@ -13,6 +13,7 @@ pub mod decode;
 pub mod event;
 pub mod filter;
 pub mod kernel;
+pub mod live;
 pub mod output;
 pub mod record;
 pub mod report;

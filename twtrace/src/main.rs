@@ -5,7 +5,7 @@ mod commands;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use twtrace::cli::{Cli, Command, TraceArgs};
+use twtrace::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -36,8 +36,9 @@ fn main() -> ExitCode {
             Some(Command::Record(args)) => commands::record::run(&args, verbose).await,
             Some(Command::Report(args)) => commands::report::run(&args),
             Some(Command::Compare(args)) => commands::compare::run(&args),
+            Some(Command::Replay(args)) => commands::live::replay(&args).await,
             Some(Command::Check) => commands::check::run(),
-            None => commands::trace::run(&TraceArgs::default_for_live(), verbose).await,
+            None => commands::live::run(&cli.live, verbose).await,
         }
     });
     match result {

@@ -240,10 +240,17 @@ fn setup() -> anyhow::Result<()> {
             bail!("cargo install bpf-linker failed ({status})");
         }
     }
-    // The tests and scenarios use iproute2 (ip netns) and nstat.
-    if !ok("ip", &["-V"]) || !ok("nstat", &["-V"]) {
+    // The tests use iproute2 (ip netns, ss) and tmux (the live view), and setpriv.
+    if !ok("ip", &["-V"])
+        || !ok("ss", &["-V"])
+        || !ok("tmux", &["-V"])
+        || !ok("setpriv", &["--version"])
+    {
         as_root_sh("apt-get", &["update", "-qq"])?;
-        as_root_sh("apt-get", &["install", "-y", "-qq", "iproute2"])?;
+        as_root_sh(
+            "apt-get",
+            &["install", "-y", "-qq", "iproute2", "tmux", "util-linux"],
+        )?;
     }
     Ok(())
 }

@@ -12,12 +12,12 @@ use super::report::load;
 
 pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let before = report::build(
-        &load(&[args.before.clone()])?,
+        &load(std::slice::from_ref(&args.before))?,
         &Filters::default(),
         Window::default(),
     );
     let after = report::build(
-        &load(&[args.after.clone()])?,
+        &load(std::slice::from_ref(&args.after))?,
         &Filters::default(),
         Window::default(),
     );

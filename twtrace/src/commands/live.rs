@@ -1,0 +1,328 @@
+//! `sudo twtrace` (the live view) and `twtrace replay` (the same view over a recording).
+
+use std::{
+    io::{self, IsTerminal as _, Write as _},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use crossterm::event::{self, Event as TermEvent, KeyCode, KeyEventKind, KeyModifiers};
+use tokio::signal::unix::{SignalKind, signal};
+use twtrace::{
+    aggregate::{Aggregator, Clock, MonotonicClock, ReplayClock},
+    cgroup::CgroupNames,
+    cli::{LiveArgs, ReplayArgs},
+    event::Event,
+    live::{
+        model::{Model, ViewState},
+        ui,
+    },
+    output::TimeBase,
+    source::LiveSource,
+};
+
+use super::trace::hz;
+
+/// Where the view's events come from.
+trait Feed {
+    /// Waits for events and appends them.
+    async fn read(&mut self, out: &mut Vec<Event>) -> anyhow::Result<()>;
+}
+
+impl Feed for LiveSource {
+    async fn read(&mut self, out: &mut Vec<Event>) -> anyhow::Result<()> {
+        LiveSource::read(self, out)
+            .await
+            .context("reading kernel events")
+    }
+}
+
+/// A recording played back at `speed`, driving the aggregator's clock.
+struct Playback {
+    events: std::vec::IntoIter<Event>,
+    next: Option<Event>,
+    clock: ReplayClock,
+    first_ns: u64,
+    started: Instant,
+    speed: f64,
+}
+
+impl Feed for Playback {
+    /// Cancel-safe (the view's select! drops it whenever a key or refresh comes first): the
+    /// next event is only taken once it is due.
+    async fn read(&mut self, out: &mut Vec<Event>) -> anyhow::Result<()> {
+        let Some(next_ts) = self.next.as_ref().map(Event::ts_ns) else {
+            // The end: hold the last picture until the user quits.
+            std::future::pending::<()>().await;
+            return Ok(());
+        };
+        let (started, first, speed) = (self.started, self.first_ns, self.speed);
+        let due = move |ts: u64| {
+            started + Duration::from_secs_f64(ts.saturating_sub(first) as f64 / 1e9 / speed)
+        };
+        tokio::time::sleep_until(due(next_ts).into()).await;
+        let now = Instant::now();
+        while let Some(ev) = self.next.take() {
+            if due(ev.ts_ns()) > now {
+                self.next = Some(ev);
+                break;
+            }
+            self.clock.set(ev.ts_ns().max(self.clock.now_ns()));
+            out.push(ev);
+            self.next = self.events.next();
+        }
+        Ok(())
+    }
+}
+
+/// What the view shows about where it runs.
+struct Identity {
+    /// The namespace the view starts on (`--netns`).
+    netns: Option<u32>,
+    host: String,
+    kernel: String,
+    started_ns: u64,
+    replay: Option<String>,
+    tb: TimeBase,
+}
+
+pub async fn run(args: &LiveArgs, verbose: bool) -> anyhow::Result<()> {
+    let filters = args.filter.filters()?;
+    if !args.ring_mib.is_power_of_two() || args.ring_mib > 1024 {
+        bail!("--ring-mib must be a power of two between 1 and 1024");
+    }
+    if args.interval < 0.1 {
+        bail!("--interval must be at least 0.1 s");
+    }
+    // Start tracing before taking over the terminal, so errors print as one plain line.
+    let source = LiveSource::start(&filters, verbose, args.ring_mib << 20, true)?;
+    let agg = Aggregator::new(MonotonicClock, hz());
+    let id = Identity {
+        netns: filters.netns,
+        host: read_proc("/proc/sys/kernel/hostname"),
+        kernel: read_proc("/proc/sys/kernel/osrelease"),
+        started_ns: MonotonicClock.now_ns(),
+        replay: None,
+        tb: TimeBase::now(),
+    };
+    let interval = Duration::from_secs_f64(args.interval);
+    if !io::stdout().is_terminal() {
+        return plain(source, agg, interval, args.duration).await;
+    }
+    view(source, agg, &id, interval, args.duration).await
+}
+
+pub async fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
+    if args.speed.is_nan() || args.speed <= 0.0 {
+        bail!("--speed must be above 0");
+    }
+    if !io::stdout().is_terminal() {
+        bail!("replay draws the live view and needs a terminal; for text, use `twtrace report`");
+    }
+    let trace = twtrace::record::read(&args.file)?;
+    for w in &trace.warnings {
+        eprintln!("twtrace: warning: {w}");
+    }
+    let clock = ReplayClock::default();
+    let first_ns = trace.events.first().map_or(0, Event::ts_ns);
+    clock.set(first_ns);
+    let agg = Aggregator::new(clock.clone(), trace.header.hz);
+    let id = Identity {
+        netns: None,
+        host: trace.header.hostname.clone(),
+        kernel: trace.header.kernel.clone(),
+        started_ns: first_ns,
+        replay: Some(format!("{} at {}x", args.file.display(), args.speed)),
+        tb: TimeBase::with_offset_ns(trace.header.clock_offset_ns),
+    };
+    let mut events = trace.events.into_iter();
+    let feed = Playback {
+        next: events.next(),
+        events,
+        clock,
+        first_ns,
+        started: Instant::now(),
+        speed: args.speed,
+    };
+    view(
+        feed,
+        agg,
+        &id,
+        Duration::from_secs_f64(args.interval / args.speed),
+        None,
+    )
+    .await
+}
+
+/// The full-screen view. The terminal is restored on return, error or panic.
+async fn view<C: Clock, F: Feed>(
+    mut feed: F,
+    mut agg: Aggregator<C>,
+    id: &Identity,
+    interval: Duration,
+    duration: Option<f64>,
+) -> anyhow::Result<()> {
+    let mut term = ratatui::try_init().context("cannot take over the terminal")?;
+    let result = async {
+        let mut v = ViewState {
+            netns: id.netns,
+            ..ViewState::default()
+        };
+        let mut cgroups = CgroupNames::default();
+        let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let deadline = async {
+            match duration {
+                Some(s) => tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        let mut refresh = tokio::time::interval(interval);
+        let mut keys = tokio::time::interval(Duration::from_millis(50));
+        let mut input: Option<String> = None;
+        let mut events = Vec::new();
+        let mut records = Vec::new();
+        let fmt = |ns: u64| id.tb.local(ns).format("%H:%M:%S").to_string();
+        let mut model: Option<Model> = None;
+        loop {
+            let mut redraw = false;
+            tokio::select! {
+                r = feed.read(&mut events) => r?,
+                _ = refresh.tick() => {
+                    agg.tick();
+                    if !v.paused || model.is_none() {
+                        model = Some(v.model(
+                            &agg,
+                            &id.host,
+                            &id.kernel,
+                            id.started_ns,
+                            id.replay.as_deref(),
+                            &mut |cg| cgroups.path(cg).unwrap_or("-").to_string(),
+                        ));
+                    }
+                    redraw = true;
+                }
+                _ = keys.tick() => {
+                    while event::poll(Duration::ZERO)? {
+                        match event::read()? {
+                            TermEvent::Key(k) if k.kind != KeyEventKind::Release => {
+                                if let Some(text) = input.as_mut() {
+                                    match k.code {
+                                        KeyCode::Enter => {
+                                            v.filter = input.take().unwrap_or_default();
+                                        }
+                                        KeyCode::Esc => {
+                                            input = None;
+                                            v.filter.clear();
+                                        }
+                                        KeyCode::Backspace => {
+                                            text.pop();
+                                        }
+                                        KeyCode::Char(c) => text.push(c),
+                                        _ => {}
+                                    }
+                                } else {
+                                    match k.code {
+                                        KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
+                                        KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => return Ok(()),
+                                        KeyCode::Tab => v.switch_table(),
+                                        KeyCode::Char('s') => v.next_sort(),
+                                        KeyCode::Char('S') => v.reverse = !v.reverse,
+                                        KeyCode::Char('/') => input = Some(String::new()),
+                                        KeyCode::Char('n') => v.next_netns(&agg),
+                                        KeyCode::Char('p') => v.paused = !v.paused,
+                                        KeyCode::Char('?') => v.help = !v.help,
+                                        _ => {}
+                                    }
+                                }
+                                // Show the effect of a key at once, not at the next refresh.
+                                if !v.paused || model.is_none() {
+                                    model = Some(v.model(&agg, &id.host, &id.kernel, id.started_ns, id.replay.as_deref(), &mut |cg| cgroups.path(cg).unwrap_or("-").to_string()));
+                                }
+                                redraw = true;
+                            }
+                            TermEvent::Resize(..) => redraw = true,
+                            _ => {}
+                        }
+                    }
+                }
+                _ = sigterm.recv() => return Ok(()),
+                _ = &mut deadline => return Ok(()),
+            }
+            for e in events.drain(..) {
+                agg.ingest(e, &mut records);
+            }
+            for r in records.drain(..) {
+                v.note(&r, fmt);
+            }
+            if redraw && let Some(m) = &model {
+                term.draw(|f| ui::draw(f, m, &v, input.as_deref()))?;
+            }
+        }
+    }
+    .await;
+    ratatui::restore();
+    result
+}
+
+/// When stdout is not a terminal: a plain summary every interval.
+async fn plain(
+    mut source: LiveSource,
+    mut agg: Aggregator<MonotonicClock>,
+    interval: Duration,
+    duration: Option<f64>,
+) -> anyhow::Result<()> {
+    eprintln!(
+        "twtrace: stdout is not a terminal: printing a summary every {interval:?} (use `twtrace trace` for events)"
+    );
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let deadline = async {
+        match duration {
+            Some(s) => tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut refresh = tokio::time::interval(interval);
+    let mut v = ViewState::default();
+    let mut events = Vec::new();
+    let mut sink = Vec::new();
+    let mut out = io::stdout().lock();
+    let tb = TimeBase::now();
+    loop {
+        tokio::select! {
+            r = source.read(&mut events) => r.context("reading kernel events")?,
+            _ = refresh.tick() => {
+                agg.tick();
+                let m = v.model(&agg, "", "", 0, None, &mut |_| String::new());
+                let top: Vec<String> = m.procs.iter().take(3).map(|p| format!("{}({}) {}", p.comm, p.pid, p.alive)).collect();
+                let r = &m.rates;
+                let line = format!(
+                    "{} alive {} entered {:.1}/s ended/s expired {:.1} reused {:.1} recycled {:.1} reset {:.1} purged {:.1} | overflow {:.1}/s abort {:.1}/s | failed connect {:.1}/s bind {:.1}/s | lost {} | top {}",
+                    tb.local(agg.now_ns()).format("%H:%M:%S"),
+                    m.alive, r.entered, r.expired, r.reused, r.recycled, r.reset, r.purged,
+                    r.overflow, r.abort, r.connect_failed, r.bind_failed,
+                    m.loss.ringbuf_full + m.loss.recursion_misses,
+                    top.join(", ")
+                );
+                if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                    return Ok(()); // reader gone
+                }
+            }
+            _ = sigint.recv() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+            _ = &mut deadline => return Ok(()),
+        }
+        for e in events.drain(..) {
+            agg.ingest(e, &mut sink);
+        }
+        sink.clear();
+    }
+}
+
+fn read_proc(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
