@@ -7,7 +7,6 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use crossterm::event::{self, Event as TermEvent, KeyCode, KeyEventKind, KeyModifiers};
-use tokio::signal::unix::{SignalKind, signal};
 use twtrace::{
     aggregate::{Aggregator, Clock, MonotonicClock, ReplayClock},
     cgroup::CgroupNames,
@@ -21,7 +20,7 @@ use twtrace::{
     source::LiveSource,
 };
 
-use super::trace::hz;
+use super::{Stop, trace::hz};
 
 /// Where the view's events come from.
 trait Feed {
@@ -169,14 +168,7 @@ async fn view<C: Clock, F: Feed>(
             ..ViewState::default()
         };
         let mut cgroups = CgroupNames::default();
-        let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        let deadline = async {
-            match duration {
-                Some(s) => tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(deadline);
+        let mut stop = Stop::new(duration)?;
         let mut refresh = tokio::time::interval(interval);
         let mut keys = tokio::time::interval(Duration::from_millis(50));
         let mut input: Option<String> = None;
@@ -246,8 +238,7 @@ async fn view<C: Clock, F: Feed>(
                         }
                     }
                 }
-                _ = sigterm.recv() => return Ok(()),
-                _ = &mut deadline => return Ok(()),
+                _ = stop.requested() => return Ok(()),
             }
             for e in events.drain(..) {
                 agg.ingest(e, &mut records);
@@ -275,15 +266,7 @@ async fn plain(
     eprintln!(
         "twtrace: stdout is not a terminal: printing a summary every {interval:?} (use `twtrace trace` for events)"
     );
-    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let deadline = async {
-        match duration {
-            Some(s) => tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(deadline);
+    let mut stop = Stop::new(duration)?;
     let mut refresh = tokio::time::interval(interval);
     let mut v = ViewState::default();
     let mut events = Vec::new();
@@ -310,9 +293,7 @@ async fn plain(
                     return Ok(()); // reader gone
                 }
             }
-            _ = sigint.recv() => return Ok(()),
-            _ = sigterm.recv() => return Ok(()),
-            _ = &mut deadline => return Ok(()),
+            _ = stop.requested() => return Ok(()),
         }
         for e in events.drain(..) {
             agg.ingest(e, &mut sink);

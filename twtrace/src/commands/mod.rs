@@ -4,3 +4,41 @@ pub mod live;
 pub mod record;
 pub mod report;
 pub mod trace;
+
+use std::{pin::Pin, time::Duration};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+/// When a running command should stop: SIGINT, SIGTERM, or the end of `--duration`.
+pub struct Stop {
+    sigint: Signal,
+    sigterm: Signal,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Stop {
+    pub fn new(duration: Option<f64>) -> anyhow::Result<Self> {
+        Ok(Self {
+            sigint: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            sigterm: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            deadline: duration
+                .map(|s| Box::pin(tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))))),
+        })
+    }
+
+    /// Resolves once stopping is asked for; cancel-safe, for use in `select!`.
+    pub async fn requested(&mut self) {
+        let deadline = async {
+            match self.deadline.as_mut() {
+                Some(d) => d.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.sigint.recv() => {}
+            _ = self.sigterm.recv() => {}
+            _ = deadline => {}
+        }
+    }
+}

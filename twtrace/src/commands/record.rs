@@ -3,7 +3,6 @@
 use std::{collections::BTreeMap, io::Write as _, time::Duration};
 
 use anyhow::{Context as _, bail};
-use tokio::signal::unix::{SignalKind, signal};
 use twtrace::{
     aggregate::{Aggregator, MonotonicClock},
     cli::RecordArgs,
@@ -13,7 +12,10 @@ use twtrace::{
     source::LiveSource,
 };
 
-use super::trace::{hz, summary, warn_new_loss};
+use super::{
+    Stop,
+    trace::{hz, summary, warn_new_loss},
+};
 
 pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
     let filters = args.filter.filters()?;
@@ -49,15 +51,7 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
         args.output.display()
     );
 
-    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let deadline = async {
-        match args.duration {
-            Some(s) => tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(deadline);
+    let mut stop = Stop::new(args.duration)?;
     // A frame a second: a crash loses at most the frame being built.
     let mut flush = tokio::time::interval(Duration::from_secs(1));
     let mut events = Vec::new();
@@ -71,9 +65,7 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
                 agg.tick();
                 reported = warn_new_loss(source.loss(), &reported);
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = &mut deadline => break,
+            _ = stop.requested() => break,
         }
         for e in events.drain(..) {
             rec.push(&e);

@@ -5,8 +5,8 @@ use std::{
     time::Duration,
 };
 
+use super::Stop;
 use anyhow::{Context as _, bail};
-use tokio::signal::unix::{SignalKind, signal};
 use twtrace::{
     advice::{self, Evidence},
     aggregate::{Aggregator, MonotonicClock, Record},
@@ -48,15 +48,7 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     }
     eprintln!("twtrace: tracing TIME_WAIT; Ctrl-C to stop");
 
-    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let deadline = async {
-        match args.duration {
-            Some(s) => tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(deadline);
+    let mut stop = Stop::new(args.duration)?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks = 0u64;
     let mut events = Vec::new();
@@ -75,9 +67,7 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
                     return Ok(());
                 }
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = &mut deadline => break,
+            _ = stop.requested() => break,
         }
         if printer.emit(&mut agg, &mut events)? {
             return Ok(()); // the reader went away (e.g. `| head`)
