@@ -718,3 +718,123 @@ fn replay_drives_the_live_view_from_a_recording() {
     tmux(&["kill-session", "-t", &session]);
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn prometheus_scrapes_twtrace_with_bounded_cardinality() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("prom");
+    let port = twtrace_integration::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _serve = twtrace_integration::KillOnDrop(
+        std::process::Command::new(twtrace_integration::twtrace_bin())
+            .args(["serve", "--listen", &listen, "--netns", &ns.name])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("twtrace serve"),
+    );
+    let up = || twtrace_integration::http_get(&listen, "/metrics").is_ok();
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while !up() {
+        assert!(
+            std::time::Instant::now() < until,
+            "twtrace serve did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // twload first (labels go to the first comms seen), then more commands and destinations
+    // than the label limits.
+    ns.twload(&["churn", "127.0.0.1:8080", "1", "200"]);
+    ns.twload(&["many-comms", "127.0.0.1:8100", "80"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let text = twtrace_integration::http_get(&listen, "/metrics").unwrap();
+
+    // The exposition passes promtool.
+    let mut check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package)");
+    use std::io::Write as _;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Cardinality: under the documented limit, the excess folded into "other", no pids.
+    let series = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .count();
+    assert!(series <= 1500, "{series} series");
+    assert!(text.contains("comm=\"other\""), "{text}");
+    assert!(text.contains("comm=\"twc0\""), "{text}");
+    assert!(!text.contains("pid="), "{text}");
+
+    // A real Prometheus server scrapes it.
+    let dir = std::env::temp_dir().join(format!("twtrace-prom-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: twtrace\n    static_configs:\n      - targets: ['{listen}']\n"
+        ),
+    )
+    .unwrap();
+    let prom_port = twtrace_integration::free_port();
+    let prom_addr = format!("127.0.0.1:{prom_port}");
+    let prom = twtrace_integration::KillOnDrop(
+        std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={prom_addr}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian's prometheus package)"),
+    );
+    let query = "/api/v1/query?query=twtrace_time_wait_entered_total%7Bcomm%3D%22twload%22%7D";
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        if let Ok(body) = twtrace_integration::http_get(&prom_addr, query)
+            && let Ok(v) = serde_json::from_str::<Value>(&body)
+            && v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+        {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "Prometheus never had the series"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    drop(prom);
+    let _ = std::fs::remove_dir_all(&dir);
+    let result = &answer["data"]["result"];
+    let total: f64 = result
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["value"][1].as_str().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert!(total >= 200.0, "{answer}");
+    assert_eq!(result[0]["metric"]["comm"], "twload");
+    assert_eq!(result[0]["metric"]["job"], "twtrace");
+}

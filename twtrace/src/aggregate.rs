@@ -284,6 +284,7 @@ pub struct Aggregator<C: Clock> {
     /// Latest passive closes per namespace (cumulative since twtrace attached).
     passive_closes: HashMap<u32, u64>,
     loss: crate::kernel::tracer::Loss,
+    cgroup_paths: HashMap<u64, String>,
 }
 
 impl<C: Clock> Aggregator<C> {
@@ -307,7 +308,13 @@ impl<C: Clock> Aggregator<C> {
             kernel_counters: HashMap::new(),
             passive_closes: HashMap::new(),
             loss: Default::default(),
+            cgroup_paths: HashMap::new(),
         }
+    }
+
+    /// Paths of cgroups, as recorded (see [`Event::Cgroup`]).
+    pub fn cgroup_path(&self, id: u64) -> Option<&str> {
+        self.cgroup_paths.get(&id).map(String::as_str)
     }
 
     pub fn stats(&self) -> &Stats {
@@ -507,6 +514,9 @@ impl<C: Clock> Aggregator<C> {
                 netns, counters, ..
             } => {
                 self.kernel_counters.insert(netns, counters);
+            }
+            Event::Cgroup { id, path, .. } => {
+                self.cgroup_paths.insert(id, path);
             }
             Event::Snapshot {
                 passive_closes,

@@ -34,6 +34,12 @@ impl CgroupNames {
         }
     }
 
+    /// The container or unit of cgroup `id` if its path shows one, else its path.
+    pub fn display(&mut self, id: u64) -> Option<String> {
+        let path = self.path(id)?;
+        Some(container_of(path).unwrap_or_else(|| path.to_string()))
+    }
+
     /// The path of cgroup `id` below the cgroup root ("/system.slice/nginx.service"), if known.
     pub fn path(&mut self, id: u64) -> Option<&str> {
         if id == 0 {
@@ -72,9 +78,102 @@ impl CgroupNames {
     }
 }
 
+/// A short container or unit name for a cgroup path, when the path shows one:
+/// `docker:0123456789ab`, `pod:<uid>/containerd:0123456789ab`, `podman:…`, `nginx.service`.
+pub fn container_of(path: &str) -> Option<String> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let short = |id: &str| id.chars().take(12).collect::<String>();
+    // Kubernetes: the pod from a kubepods level, the container from the last component.
+    let pod = parts.iter().find_map(|p| {
+        let p = p.strip_suffix(".slice").unwrap_or(p);
+        let uid = p
+            .rsplit_once("-pod")
+            .map(|(_, u)| u)
+            .or_else(|| p.strip_prefix("pod"))?;
+        (uid.len() >= 8).then(|| uid.replace('_', "-"))
+    });
+    let last = parts.last()?;
+    let scope = last.strip_suffix(".scope").unwrap_or(last);
+    let runtime = [
+        ("docker-", "docker"),
+        ("cri-containerd-", "containerd"),
+        ("crio-", "crio"),
+        ("libpod-", "podman"),
+    ]
+    .iter()
+    .find_map(|(prefix, name)| {
+        scope
+            .strip_prefix(prefix)
+            .map(|id| format!("{name}:{}", short(id)))
+    });
+    // cgroupfs layouts: /docker/<id>, /kubepods/burstable/pod<uid>/<id>.
+    let runtime = runtime.or_else(|| {
+        let hex = last.len() >= 32 && last.chars().all(|c| c.is_ascii_hexdigit());
+        if !hex {
+            return None;
+        }
+        let parent = parts.iter().rev().nth(1).copied().unwrap_or("");
+        Some(match parent {
+            "docker" => format!("docker:{}", short(last)),
+            _ => format!("container:{}", short(last)),
+        })
+    });
+    match (pod, runtime) {
+        (Some(pod), Some(c)) => Some(format!("pod:{pod}/{c}")),
+        (Some(pod), None) => Some(format!("pod:{pod}")),
+        (None, Some(c)) => Some(c),
+        // systemd units: the innermost service (or scope of a user session).
+        (None, None) => parts
+            .iter()
+            .rev()
+            .find(|p| p.ends_with(".service"))
+            .map(|s| s.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_containers_and_units() {
+        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            container_of(&format!("/system.slice/docker-{id}.scope")).as_deref(),
+            Some("docker:0123456789ab")
+        );
+        assert_eq!(
+            container_of(&format!("/docker/{id}")).as_deref(),
+            Some("docker:0123456789ab")
+        );
+        assert_eq!(
+            container_of(&format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1a2b3c4d_5e6f_7a8b_9c0d_1e2f3a4b5c6d.slice/cri-containerd-{id}.scope"
+            ))
+            .as_deref(),
+            Some("pod:1a2b3c4d-5e6f-7a8b-9c0d-1e2f3a4b5c6d/containerd:0123456789ab")
+        );
+        assert_eq!(
+            container_of(&format!(
+                "/kubepods/burstable/pod1a2b3c4d-5e6f-7a8b-9c0d-1e2f3a4b5c6d/{id}"
+            ))
+            .as_deref(),
+            Some("pod:1a2b3c4d-5e6f-7a8b-9c0d-1e2f3a4b5c6d/container:0123456789ab")
+        );
+        assert_eq!(
+            container_of(&format!("/machine.slice/libpod-{id}.scope")).as_deref(),
+            Some("podman:0123456789ab")
+        );
+        assert_eq!(
+            container_of("/system.slice/nginx.service").as_deref(),
+            Some("nginx.service")
+        );
+        assert_eq!(
+            container_of("/user.slice/user-1000.slice/session-3.scope"),
+            None
+        );
+        assert_eq!(container_of("/"), None);
+    }
 
     #[test]
     fn resolves_directory_inodes_to_paths() {

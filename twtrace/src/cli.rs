@@ -51,6 +51,8 @@ pub enum Command {
     Compare(CompareArgs),
     /// The live view, driven by a recording (no root needed).
     Replay(ReplayArgs),
+    /// Serve Prometheus metrics on /metrics (a daemon; see dist/twtrace.service).
+    Serve(ServeArgs),
     /// Check that this kernel and these privileges can run twtrace, and show what it resolved.
     Check,
 }
@@ -98,6 +100,24 @@ pub struct ReportArgs {
     /// End of the window, same forms as --from.
     #[arg(long, value_name = "TIME")]
     pub to: Option<String>,
+}
+
+/// twtrace's default metrics port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9659";
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Address to serve /metrics on. Loopback by default; name an address to expose it.
+    #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN)]
+    pub listen: std::net::SocketAddr,
+    /// Kernel ring buffer size in MiB (a power of two).
+    #[arg(long, value_name = "MIB", default_value_t = 8)]
+    pub ring_mib: u32,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
 }
 
 #[derive(Debug, Args)]

@@ -353,6 +353,13 @@ pub enum Event {
         netns: u32,
         counters: std::collections::BTreeMap<String, u64>,
     },
+    /// The path of a cgroup id, recorded the first time the id appears, so a report on
+    /// another host can name containers.
+    Cgroup {
+        ts_ns: u64,
+        id: u64,
+        path: String,
+    },
     /// Once a second: passive closes so far per namespace, and what was lost so far.
     Snapshot {
         ts_ns: u64,
@@ -362,6 +369,17 @@ pub enum Event {
 }
 
 impl Event {
+    /// The cgroup of the process an event names, if any.
+    pub fn cgroup_id(&self) -> Option<u64> {
+        let p = match self {
+            Event::TwEnter(e) => e.closer.as_ref(),
+            Event::NoTimeWait(n) => n.closer.as_ref(),
+            Event::PortFailure(f) => Some(&f.process),
+            _ => None,
+        };
+        p.map(|p| p.cgroup_id).filter(|&id| id != 0)
+    }
+
     pub fn ts_ns(&self) -> u64 {
         match self {
             Event::TwEnter(e) => e.ts_ns,
@@ -373,6 +391,7 @@ impl Event {
             | Event::Settings { ts_ns, .. }
             | Event::LiveConnections { ts_ns, .. }
             | Event::KernelCounters { ts_ns, .. }
+            | Event::Cgroup { ts_ns, .. }
             | Event::Snapshot { ts_ns, .. } => *ts_ns,
         }
     }

@@ -126,7 +126,7 @@ impl EventFilter {
             Event::Settings { netns, .. }
             | Event::LiveConnections { netns, .. }
             | Event::KernelCounters { netns, .. } => f.netns.is_none_or(|n| n == *netns),
-            Event::Snapshot { .. } => true,
+            Event::Snapshot { .. } | Event::Cgroup { .. } => true,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod event;
 pub mod filter;
 pub mod kernel;
 pub mod live;
+pub mod metrics;
 pub mod output;
 pub mod record;
 pub mod report;

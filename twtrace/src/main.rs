@@ -37,6 +37,7 @@ fn main() -> ExitCode {
             Some(Command::Report(args)) => commands::report::run(&args),
             Some(Command::Compare(args)) => commands::compare::run(&args),
             Some(Command::Replay(args)) => commands::live::replay(&args).await,
+            Some(Command::Serve(args)) => commands::serve::run(&args, verbose).await,
             Some(Command::Check) => commands::check::run(),
             None => commands::live::run(&cli.live, verbose).await,
         }

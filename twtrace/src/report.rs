@@ -48,6 +48,8 @@ pub struct ProcessRow {
     pub pid: u32,
     pub comm: String,
     pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    pub container: Option<String>,
     pub entered: u64,
     pub client: u64,
     pub server: u64,
@@ -215,6 +217,10 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
             pid: k.pid,
             comm: k.comm.clone(),
             cgroup_id: p.cgroup_id,
+            cgroup: agg.cgroup_path(p.cgroup_id).map(str::to_string),
+            container: agg
+                .cgroup_path(p.cgroup_id)
+                .and_then(crate::cgroup::container_of),
             entered: p.entered,
             client: p.client,
             server: p.server,

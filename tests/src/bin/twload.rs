@@ -199,6 +199,35 @@ fn main() -> anyhow::Result<()> {
             let err = plain_listener(reuse).err();
             report(serde_json::json!({ "errno": err.and_then(|e| e.raw_os_error()) }));
         }
+        // `n` threads, each with its own name (the kernel's comm), each closing one connection
+        // first towards one of 20 ports: many commands and destinations.
+        "many-comms" => {
+            let n: u32 = args
+                .get(2)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(10)
+                .min(500);
+            let base: SocketAddr = server.parse()?;
+            let listeners: Vec<TcpListener> = (0..20)
+                .map(|i| listener(&SocketAddr::new(base.ip(), base.port() + i).to_string()))
+                .collect::<anyhow::Result<_>>()?;
+            let addrs: Vec<SocketAddr> = listeners
+                .iter()
+                .map(|l| l.local_addr())
+                .collect::<Result<_, _>>()?;
+            for i in 0..n {
+                let to = addrs[i as usize % addrs.len()];
+                // The named thread connects and closes first: the comm is taken at close().
+                let t = thread::Builder::new()
+                    .name(format!("twc{i}"))
+                    .spawn(move || TcpStream::connect(to).map(drop))?;
+                t.join().map_err(|_| anyhow::anyhow!("thread failed"))??;
+                let (s, _) = listeners[i as usize % listeners.len()].accept()?;
+                thread::sleep(ms(2));
+                drop(s);
+            }
+            report(serde_json::json!({ "connections": n }));
+        }
         // `n` client-first connections, left in TIME_WAIT on the client side.
         "fill" => {
             let n: u32 = args

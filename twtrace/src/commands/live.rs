@@ -189,7 +189,7 @@ async fn view<C: Clock, F: Feed>(
                             &id.kernel,
                             id.started_ns,
                             id.replay.as_deref(),
-                            &mut |cg| cgroups.path(cg).unwrap_or("-").to_string(),
+                            &mut |cg| cgroups.display(cg).unwrap_or_else(|| "-".into()),
                         ));
                     }
                     redraw = true;
@@ -229,7 +229,7 @@ async fn view<C: Clock, F: Feed>(
                                 }
                                 // Show the effect of a key at once, not at the next refresh.
                                 if !v.paused || model.is_none() {
-                                    model = Some(v.model(&agg, &id.host, &id.kernel, id.started_ns, id.replay.as_deref(), &mut |cg| cgroups.path(cg).unwrap_or("-").to_string()));
+                                    model = Some(v.model(&agg, &id.host, &id.kernel, id.started_ns, id.replay.as_deref(), &mut |cg| cgroups.display(cg).unwrap_or_else(|| "-".into())));
                                 }
                                 redraw = true;
                             }

@@ -3,6 +3,7 @@ pub mod compare;
 pub mod live;
 pub mod record;
 pub mod report;
+pub mod serve;
 pub mod trace;
 
 use std::{pin::Pin, time::Duration};

@@ -5,7 +5,9 @@ use std::{collections::BTreeMap, io::Write as _, time::Duration};
 use anyhow::{Context as _, bail};
 use twtrace::{
     aggregate::{Aggregator, MonotonicClock},
+    cgroup::CgroupNames,
     cli::RecordArgs,
+    event::Event,
     kernel::{netns, settings},
     output::{TimeBase, json},
     record::{FORMAT, Header, Recorder, Rotation, VERSION},
@@ -57,6 +59,8 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
     let mut events = Vec::new();
     let mut sink = Vec::new();
     let mut reported = Default::default();
+    let mut cgroups = CgroupNames::default();
+    let mut seen_cgroups = std::collections::HashSet::new();
     loop {
         tokio::select! {
             r = source.read(&mut events) => r.context("reading kernel events")?,
@@ -68,6 +72,16 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
             _ = stop.requested() => break,
         }
         for e in events.drain(..) {
+            if let Some(id) = e.cgroup_id()
+                && seen_cgroups.insert(id)
+                && let Some(path) = cgroups.path(id)
+            {
+                rec.push(&Event::Cgroup {
+                    ts_ns: e.ts_ns(),
+                    id,
+                    path: path.to_string(),
+                });
+            }
             rec.push(&e);
             agg.ingest(e, &mut sink);
         }

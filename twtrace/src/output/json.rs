@@ -28,6 +28,8 @@ struct Identity<'a> {
     uid: Option<u32>,
     cgroup: Option<String>,
     cgroup_id: Option<u64>,
+    /// Container or systemd unit, when the cgroup path shows one.
+    container: Option<String>,
     role: Role,
     close: CloseKind,
 }
@@ -83,6 +85,9 @@ fn identity<'a>(
         uid: closer.map(|p| p.uid),
         cgroup: closer.and_then(|p| cgroups.path(p.cgroup_id).map(str::to_string)),
         cgroup_id: closer.map(|p| p.cgroup_id).filter(|&id| id != 0),
+        container: closer
+            .and_then(|p| cgroups.path(p.cgroup_id))
+            .and_then(crate::cgroup::container_of),
         role,
         close,
     }
@@ -101,6 +106,7 @@ struct PortFailureJson<'a> {
     uid: u32,
     cgroup: Option<String>,
     cgroup_id: Option<u64>,
+    container: Option<String>,
     netns: u32,
     family: Family,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -138,6 +144,9 @@ fn port_failure(r: &PortFailureRecord, tb: &TimeBase, cgroups: &mut CgroupNames)
         uid: f.process.uid,
         cgroup: cgroups.path(f.process.cgroup_id).map(str::to_string),
         cgroup_id: Some(f.process.cgroup_id).filter(|&id| id != 0),
+        container: cgroups
+            .path(f.process.cgroup_id)
+            .and_then(crate::cgroup::container_of),
         netns: f.conn.netns,
         family: f.conn.family,
         raddr: connect.then_some(f.conn.raddr),

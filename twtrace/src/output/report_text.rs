@@ -77,15 +77,28 @@ pub fn report(r: &Report) -> String {
     if !r.processes.is_empty() {
         let _ = writeln!(
             o,
-            "\nPROCESSES (closed first)\n  {:<8} {:<16} {:>9} {:>7} {:>7} {:>8} {:>9} {:>10} {:>10}",
-            "PID", "COMM", "TW", "CLIENT", "SERVER", "REUSED", "RECYCLED", "MEAN", "P99"
+            "\nPROCESSES (closed first)\n  {:<8} {:<16} {:<24} {:>9} {:>7} {:>7} {:>8} {:>9} {:>10} {:>10}",
+            "PID",
+            "COMM",
+            "CONTAINER",
+            "TW",
+            "CLIENT",
+            "SERVER",
+            "REUSED",
+            "RECYCLED",
+            "MEAN",
+            "P99"
         );
         for p in &r.processes {
             let _ = writeln!(
                 o,
-                "  {:<8} {:<16} {:>9} {:>7} {:>7} {:>7.1}% {:>8.1}% {:>10} {:>10}",
+                "  {:<8} {:<16} {:<24} {:>9} {:>7} {:>7} {:>7.1}% {:>8.1}% {:>10} {:>10}",
                 p.pid,
                 p.comm,
+                p.container
+                    .as_deref()
+                    .or(p.cgroup.as_deref())
+                    .unwrap_or("-"),
                 p.entered,
                 p.client,
                 p.server,
