@@ -245,60 +245,169 @@ fn main() -> anyhow::Result<()> {
             thread::sleep(ms(50));
             report(serde_json::json!({ "connections": n }));
         }
-        // Connections opened and closed alternating which side closes first, for `secs`
-        // seconds (at most `max` connections), as fast as possible or at `rate` per second.
+        // Connections opened and closed for `secs` seconds (at most `max`), as fast as possible or
+        // at `rate` per second; `mode` says who closes first: alt(ernate), client, server;
+        // `threads` clients in parallel.
         "churn" => {
             let secs: f64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3.0);
             let max: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(200_000);
             let rate: f64 = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(0.0);
+            let mode = match args.get(5).map(String::as_str).unwrap_or("alt") {
+                "alt" => Closer::Alternate,
+                "client" => Closer::Client,
+                "server" => Closer::Server,
+                m => bail!("churn mode {m:?}: alt, client or server"),
+            };
+            let threads: u64 = args
+                .get(6)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(1)
+                .clamp(1, 64);
             let dur = Duration::from_secs_f64(secs.min(600.0));
-            let (n, failed) = churn(server, dur, max, rate)?;
-            report(serde_json::json!({ "connections": n, "failed": failed }));
+            let (n, failed) = churn(server, dur, max, rate, mode, threads)?;
+            report(serde_json::json!({ "connections": n, "failed": failed, "seconds": secs }));
+        }
+        // Long-lived streams on loopback for `secs` seconds: `streams` connections writing
+        // 64 KiB chunks as fast as they can. TIME_WAIT is rare; timers are armed constantly.
+        "bulk" => {
+            let secs: f64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3.0);
+            let streams: usize = args
+                .get(3)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(2)
+                .clamp(1, 64);
+            let bytes = bulk(server, Duration::from_secs_f64(secs.min(600.0)), streams)?;
+            report(serde_json::json!({ "bytes": bytes, "seconds": secs }));
         }
         other => bail!("unknown scenario {other:?}"),
     }
     Ok(())
 }
 
-fn churn(server: &str, dur: Duration, max: u64, rate: f64) -> anyhow::Result<(u64, u64)> {
-    let l = listener(server)?;
-    let server = server.to_string();
-    let stop = Instant::now() + dur;
-    // Accepts until the process exits; connections arrive in the order the client makes them.
-    thread::spawn(move || {
-        let mut i = 0u64;
-        while let Ok((mut s, _)) = l.accept() {
-            if i.is_multiple_of(2) {
-                // The client closes first: wait for its FIN.
-                let _ = s.read(&mut [0u8; 1]);
-            }
-            i += 1;
-        }
-    });
-    let (mut n, mut failed) = (0u64, 0u64);
-    let start = Instant::now();
-    while Instant::now() < stop && n < max {
-        if rate > 0.0 {
-            // Paced: the k-th attempt no earlier than k / rate seconds in.
-            let due = start + Duration::from_secs_f64((n + failed) as f64 / rate);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                thread::sleep(wait);
-            }
-        }
-        match TcpStream::connect(&server) {
-            Ok(mut c) => {
-                if n % 2 == 1 {
-                    // The server closes first: wait for its FIN.
-                    let _ = c.read(&mut [0u8; 1]);
-                }
-                n += 1;
-            }
-            Err(_) => {
-                // Out of ports: back off rather than spin.
-                failed += 1;
-                thread::sleep(ms(1));
-            }
+#[derive(Clone, Copy, PartialEq)]
+enum Closer {
+    Alternate,
+    Client,
+    Server,
+}
+
+impl Closer {
+    fn client_first(self, n: u64) -> bool {
+        match self {
+            Closer::Client => true,
+            Closer::Server => false,
+            Closer::Alternate => n.is_multiple_of(2),
         }
     }
-    Ok((n, failed))
+}
+
+fn churn(
+    server: &str,
+    dur: Duration,
+    max: u64,
+    rate: f64,
+    mode: Closer,
+    threads: u64,
+) -> anyhow::Result<(u64, u64)> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+    let l = listener(server)?;
+    let to: SocketAddr = l.local_addr()?;
+    // Acceptors until the process exits. The server side of a client-first connection waits
+    // for the client's FIN; of a server-first one, closes at once. Which is which: a byte the
+    // client sends, 1 = client first.
+    for _ in 0..threads {
+        let l = l.try_clone()?;
+        thread::spawn(move || {
+            while let Ok((mut s, _)) = l.accept() {
+                let mut b = [0u8; 1];
+                if s.read(&mut b).is_ok_and(|n| n == 1) && b[0] == 1 {
+                    let _ = s.read(&mut b); // EOF: the client closed
+                }
+            }
+        });
+    }
+    let stop = Instant::now() + dur;
+    let start = Instant::now();
+    let made = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (made, failed) = (made.clone(), failed.clone());
+            thread::spawn(move || {
+                loop {
+                    let k = made.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
+                    if Instant::now() >= stop || made.load(Ordering::Relaxed) >= max {
+                        break;
+                    }
+                    if rate > 0.0 {
+                        // Paced: the k-th attempt no earlier than k / rate seconds in.
+                        let due = start + Duration::from_secs_f64(k as f64 / rate);
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            thread::sleep(wait);
+                        }
+                    }
+                    match TcpStream::connect(to) {
+                        Ok(mut c) => {
+                            let n = made.fetch_add(1, Ordering::Relaxed);
+                            let client_first = mode.client_first(n);
+                            let _ = c.write_all(&[u8::from(client_first)]);
+                            if !client_first {
+                                // The server closes first: wait for its FIN.
+                                let _ = c.read(&mut [0u8; 1]);
+                            }
+                        }
+                        Err(_) => {
+                            // Out of ports: back off rather than spin.
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            thread::sleep(ms(1));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    Ok((made.load(Ordering::Relaxed), failed.load(Ordering::Relaxed)))
+}
+
+fn bulk(server: &str, dur: Duration, streams: usize) -> anyhow::Result<u64> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+    let l = listener(server)?;
+    let to = l.local_addr()?;
+    thread::spawn(move || {
+        while let Ok((mut s, _)) = l.accept() {
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                while s.read(&mut buf).is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    let stop = Instant::now() + dur;
+    let total = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..streams)
+        .map(|_| {
+            let total = total.clone();
+            thread::spawn(move || -> std::io::Result<()> {
+                let mut c = TcpStream::connect(to)?;
+                let chunk = vec![7u8; 1 << 16];
+                while Instant::now() < stop {
+                    c.write_all(&chunk)?;
+                    total.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for w in writers {
+        let _ = w.join();
+    }
+    Ok(total.load(Ordering::Relaxed))
 }
