@@ -30,6 +30,13 @@ enum Task {
     },
     /// Formatting and clippy (-D warnings) for userspace and for the kernel programs.
     Lint,
+    /// Measure what twtrace costs against no tracer and its peers (root; several minutes):
+    /// writes BENCH.md and bench-results.json.
+    Bench {
+        /// Options for twbench (--rounds N, --seconds S, --quick).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Set up, then run the whole test suite: lint, unit tests and root integration tests.
     Test {
         /// Extra arguments for the test binaries (e.g. a test name filter).
@@ -63,6 +70,23 @@ fn run() -> anyhow::Result<()> {
             let status = as_root(&bin, &args).status().context("starting twtrace")?;
             if !status.success() {
                 bail!("twtrace exited with {status}");
+            }
+            Ok(())
+        }
+        Task::Bench { args } => {
+            setup()?;
+            if !ok("tcplife", &["-h"]) && !Path::new("/usr/sbin/tcplife").exists() {
+                // The peers measured alongside: libbpf-tools' tcplife and tcpstates.
+                as_root_sh("apt-get", &["install", "-y", "-qq", "libbpf-tools"])?;
+            }
+            cargo(&["build", "--release", "--workspace", "--bins"])?;
+            let mut full = vec!["--out".to_string(), root.display().to_string()];
+            full.extend(args);
+            let status = as_root(&root.join("target/release/twbench"), &full)
+                .status()
+                .context("starting twbench")?;
+            if !status.success() {
+                bail!("twbench failed ({status})");
             }
             Ok(())
         }

@@ -1,0 +1,648 @@
+//! What twtrace costs, side by side with its peers: `cargo xtask bench` runs this (as root).
+//!
+//! Every measurement runs in a network namespace made for it. Throughput runs are interleaved
+//! (the tracer order rotates each round) and repeated; ratios compare medians measured in the
+//! same run, because this machine is shared and noisy. Results go to BENCH.md and a JSON file.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+use twtrace_integration::{KillOnDrop, Netns, twtrace_bin};
+
+struct Opts {
+    /// Only no tracer and `trace`: the test suite's check that the bench still works.
+    smoke: bool,
+    rounds: usize,
+    seconds: f64,
+    threads: u32,
+    live_time_waits: u64,
+    report_events: u64,
+    out: PathBuf,
+}
+
+fn parse() -> anyhow::Result<Opts> {
+    let mut o = Opts {
+        smoke: false,
+        rounds: 5,
+        seconds: 3.0,
+        threads: 2,
+        live_time_waits: 131_072,
+        report_events: 10_000_000,
+        out: PathBuf::from("."),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().context("missing value");
+        match a.as_str() {
+            "--rounds" => o.rounds = val()?.parse()?,
+            "--seconds" => o.seconds = val()?.parse()?,
+            "--out" => o.out = PathBuf::from(val()?),
+            "--quick" => {
+                o.rounds = 1;
+                o.seconds = 0.5;
+                o.live_time_waits = 2_000;
+                o.report_events = 30_000;
+            }
+            "--smoke" => {
+                o.smoke = true;
+                o.rounds = 1;
+                o.seconds = 0.3;
+                o.live_time_waits = 300;
+                o.report_events = 3_000;
+            }
+            other => {
+                bail!(
+                    "unknown option {other}; use --rounds N --seconds S --out DIR --quick --smoke"
+                )
+            }
+        }
+    }
+    Ok(o)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A tracer under test, running until dropped.
+fn start_tracer(name: &str, out: &Path) -> anyhow::Result<Option<KillOnDrop>> {
+    let ready = |child: &mut Child, marker: &str| -> anyhow::Result<()> {
+        let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+        let marker = marker.to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in lines.by_ref().map_while(Result::ok) {
+                if l.contains(&marker) {
+                    let _ = tx.send(());
+                    break;
+                }
+            }
+            for _ in lines {}
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .context("tracer did not start")
+    };
+    let spawn = |cmd: &mut Command| cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn();
+    Ok(Some(match name {
+        "none" => return Ok(None),
+        "trace" => {
+            let mut c = spawn(Command::new(twtrace_bin()).arg("trace"))?;
+            ready(&mut c, "tracing TIME_WAIT")?;
+            KillOnDrop(c)
+        }
+        "record" => {
+            let mut c = spawn(
+                Command::new(twtrace_bin())
+                    .args(["record", "-o"])
+                    .arg(out.join("bench-record.twt")),
+            )?;
+            ready(&mut c, "recording TIME_WAIT")?;
+            KillOnDrop(c)
+        }
+        "tcplife" | "tcpstates" => {
+            // Their header is stuck in stdio's buffer when stdout is a pipe: give them the
+            // time they need to attach (well under a second here), then check they live.
+            let mut c = Command::new(name)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            std::thread::sleep(Duration::from_millis(2500));
+            if let Some(status) = c.try_wait()? {
+                bail!("{name} exited at start ({status})");
+            }
+            KillOnDrop(c)
+        }
+        other => bail!("unknown tracer {other}"),
+    }))
+}
+
+fn fresh_netns(tag: &str) -> Netns {
+    let ns = Netns::new(tag);
+    ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
+    ns.sysctl("net.ipv4.tcp_max_tw_buckets", "1000000");
+    ns
+}
+
+/// One workload run: its throughput (connections/s or bytes/s).
+fn run_workload(workload: &str, o: &Opts) -> anyhow::Result<f64> {
+    let ns = fresh_netns("bench");
+    let secs = o.seconds.to_string();
+    let threads = o.threads.to_string();
+    let v = match workload {
+        "churn-client" => ns.twload(&[
+            "churn",
+            "127.0.0.1:8080",
+            &secs,
+            "10000000",
+            "0",
+            "client",
+            &threads,
+        ]),
+        "churn-server" => ns.twload(&[
+            "churn",
+            "127.0.0.1:8080",
+            &secs,
+            "10000000",
+            "0",
+            "server",
+            &threads,
+        ]),
+        "bulk" => ns.twload(&["bulk", "127.0.0.1:8080", &secs, &threads]),
+        other => bail!("unknown workload {other}"),
+    };
+    let amount = v["connections"]
+        .as_f64()
+        .or(v["bytes"].as_f64())
+        .unwrap_or(0.0);
+    Ok(amount / o.seconds)
+}
+
+fn throughput(o: &Opts, tracers: &[&str]) -> anyhow::Result<Value> {
+    let mut out = serde_json::Map::new();
+    for workload in ["churn-client", "churn-server", "bulk"] {
+        let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for round in 0..o.rounds {
+            for i in 0..tracers.len() {
+                let t = tracers[(i + round) % tracers.len()];
+                let guard = start_tracer(t, &o.out)?;
+                let rate = run_workload(workload, o)?;
+                drop(guard);
+                eprintln!("twbench: {workload} round {} {t}: {rate:.0}/s", round + 1);
+                samples.entry(t).or_default().push(rate);
+            }
+        }
+        let base = median(samples["none"].clone());
+        let mut w = serde_json::Map::new();
+        for (t, s) in &samples {
+            let m = median(s.clone());
+            w.insert(
+                t.to_string(),
+                json!({ "median_per_s": m, "ratio": m / base, "samples": s }),
+            );
+        }
+        out.insert(workload.to_string(), Value::Object(w));
+    }
+    Ok(Value::Object(out))
+}
+
+/// At maximum churn: lost events, and twtrace's count against the kernel's.
+fn exactness(o: &Opts) -> anyhow::Result<Value> {
+    let ns = fresh_netns("exact");
+    let mut t = Command::new(twtrace_bin())
+        .args(["trace", "--json", "--netns", &ns.name])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let err = t.stderr.take().context("stderr")?;
+    let mut lines = BufReader::new(err).lines();
+    for l in lines.by_ref() {
+        if l?.contains("tracing TIME_WAIT") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let counters = |ns: &Netns| {
+        let c = ns.tcp_ext();
+        c["TW"] + c["TWKilled"]
+    };
+    let before = counters(&ns);
+    let secs = o.seconds.max(2.0).to_string();
+    let threads = o.threads.to_string();
+    let load = ns.twload(&[
+        "churn",
+        "127.0.0.1:8080",
+        &secs,
+        "10000000",
+        "0",
+        "alt",
+        &threads,
+    ]);
+    let kernel = counters(&ns) - before;
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(t.id() as i32, libc::SIGINT) };
+    let mut stdout = String::new();
+    use std::io::Read as _;
+    t.stdout
+        .take()
+        .context("stdout")?
+        .read_to_string(&mut stdout)?;
+    t.wait()?;
+    let summary: Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))?;
+    Ok(json!({
+        "connections": load["connections"],
+        "kernel_time_waits": kernel,
+        "twtrace_time_waits": summary["totals"]["entered"],
+        "exact": summary["totals"]["entered"].as_u64() == Some(kernel),
+        "loss": summary["loss"],
+    }))
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Kernel memory of the BPF maps a process holds (fdinfo memlock).
+fn map_memory(pid: u32) -> u64 {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter_map(|f| fs::read_to_string(f.path()).ok())
+        .filter(|s| s.contains("map_type:"))
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Resident memory and kernel map memory with many live TIME_WAITs.
+fn memory(o: &Opts) -> anyhow::Result<Value> {
+    let ns = fresh_netns("memory");
+    let t = KillOnDrop(
+        Command::new(twtrace_bin())
+            .args(["trace", "--netns", &ns.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_idle = status_kib(t.0.id(), "VmRSS:");
+    let threads = o.threads.to_string();
+    let max = o.live_time_waits.to_string();
+    ns.twload(&[
+        "churn",
+        "127.0.0.1:8080",
+        "120",
+        &max,
+        "0",
+        "client",
+        &threads,
+    ]);
+    // Let the drain and the next refresh catch up.
+    std::thread::sleep(Duration::from_secs(2));
+    let live = twtrace_integration::count_time_waits(&ns, 8080);
+    let rss = status_kib(t.0.id(), "VmRSS:");
+    Ok(json!({
+        "live_time_waits": live,
+        "rss_kib": rss,
+        "rss_idle_kib": rss_idle,
+        "map_memory_kib": map_memory(t.0.id()) / 1024,
+    }))
+}
+
+/// Bytes per event of a recording at churn.
+fn recording(o: &Opts) -> anyhow::Result<Value> {
+    let ns = fresh_netns("rec");
+    let file = o.out.join("bench-rec.twt");
+    let mut c = Command::new(twtrace_bin())
+        .args(["record", "--netns", &ns.name, "-o"])
+        .arg(&file)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let err = c.stderr.take().context("stderr")?;
+    let mut lines = BufReader::new(err).lines();
+    for l in lines.by_ref() {
+        if l?.contains("recording TIME_WAIT") {
+            break;
+        }
+    }
+    let secs = o.seconds.max(2.0).to_string();
+    let threads = o.threads.to_string();
+    ns.twload(&[
+        "churn",
+        "127.0.0.1:8080",
+        &secs,
+        "10000000",
+        "0",
+        "alt",
+        &threads,
+    ]);
+    unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+    let mut stats = String::new();
+    for l in lines {
+        let l = l?;
+        if l.contains("bytes/event") {
+            stats = l;
+        }
+    }
+    c.wait()?;
+    let _ = fs::remove_file(&file);
+    // "recorded N events in B bytes (X bytes/event)"
+    let num = |after: &str| -> Option<f64> {
+        stats
+            .split(after)
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .trim_matches('(')
+            .parse()
+            .ok()
+    };
+    Ok(json!({
+        "events": num("recorded "),
+        "bytes": num(" in "),
+        "bytes_per_event": stats.split('(').nth(1).and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok()),
+    }))
+}
+
+/// `twtrace report` over a synthetic recording of `n` events.
+fn report_time(o: &Opts) -> anyhow::Result<Value> {
+    use twtrace::{
+        event::{
+            CloseKind, EndReason, Endpoints, Event, Family, Process, Role, Substate, TwEnd,
+            TwEnter, TwKey, TwResched,
+        },
+        record::{FORMAT, Header, Recorder, Rotation, VERSION},
+    };
+    let file = o.out.join("bench-report.twt");
+    let header = Header {
+        ev: "header".into(),
+        format: FORMAT.into(),
+        version: VERSION,
+        hostname: "bench".into(),
+        kernel: String::new(),
+        boot_time: String::new(),
+        twtrace_version: String::new(),
+        command_line: vec![],
+        hz: 250,
+        clock_offset_ns: 0,
+        settings: Default::default(),
+    };
+    let mut rec = Recorder::create(
+        &file,
+        header,
+        Rotation {
+            max_bytes: 0,
+            keep: 0,
+        },
+    )?;
+    let per_tw = 3;
+    let tws = o.report_events / per_tw;
+    let start = Instant::now();
+    for i in 0..tws {
+        let ts = 1_000_000_000 + i * 20_000; // 50k TIME_WAITs a second
+        let key = TwKey::Cookie(i + 1);
+        let conn = Endpoints {
+            netns: 1,
+            family: Family::Ipv4,
+            laddr: [127, 0, 0, 1].into(),
+            lport: 1024 + (i % 60_000) as u16,
+            raddr: [127, 0, 0, 1].into(),
+            rport: 8080,
+        };
+        rec.push(&Event::TwEnter(TwEnter {
+            ts_ns: ts,
+            cpu: (i % 2) as u32,
+            key,
+            conn,
+            closer: Some(Process {
+                pid: 1000 + (i % 7) as u32,
+                tid: 1000,
+                uid: 0,
+                comm: format!("worker{}", i % 7),
+                cgroup_id: 1,
+            }),
+            role: Role::Client,
+            close: CloseKind::Active,
+            substate: Substate::FinWait2,
+            timeout_jiffies: 15000,
+        }));
+        rec.push(&Event::TwResched(TwResched {
+            ts_ns: ts + 100_000,
+            cpu: 0,
+            key,
+            substate: Substate::TimeWait,
+            timeout_jiffies: 15000,
+        }));
+        rec.push(&Event::TwEnd(TwEnd {
+            ts_ns: ts + 1_500_000_000,
+            cpu: 1,
+            key,
+            end: EndReason::Reused,
+            substate: Substate::TimeWait,
+            by: None,
+        }));
+        if i % 50_000 == 0 {
+            rec.flush()?;
+        }
+    }
+    rec.flush()?;
+    let written = rec.bytes;
+    drop(rec);
+    let generated_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let out = Command::new(twtrace_bin())
+        .args(["report", "--json"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .status()?;
+    let report_s = start.elapsed().as_secs_f64();
+    let _ = fs::remove_file(&file);
+    if !out.success() {
+        bail!("twtrace report failed");
+    }
+    Ok(json!({
+        "events": tws * per_tw,
+        "file_bytes": written,
+        "generate_s": generated_s,
+        "report_s": report_s,
+    }))
+}
+
+/// From start to programs attached, median of a few starts.
+fn attach_time() -> anyhow::Result<Value> {
+    let mut times = vec![];
+    for _ in 0..3 {
+        let start = Instant::now();
+        let mut c = Command::new(twtrace_bin())
+            .args(["trace", "--no-existing"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let err = c.stderr.take().context("stderr")?;
+        for l in BufReader::new(err).lines() {
+            if l?.contains("tracing TIME_WAIT") {
+                break;
+            }
+        }
+        times.push(start.elapsed().as_secs_f64());
+        let _ = KillOnDrop(c);
+    }
+    Ok(json!({ "median_s": median(times.clone()), "samples": times }))
+}
+
+fn which(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn main() -> anyhow::Result<()> {
+    let o = parse()?;
+    fs::create_dir_all(&o.out)?;
+    if !twtrace_integration::can_run() {
+        bail!("the bench needs root, iproute2 and kernel BTF");
+    }
+    let mut tracers = vec!["none", "trace"];
+    if !o.smoke {
+        tracers.push("record");
+    }
+    for peer in ["tcplife", "tcpstates"].iter().filter(|_| !o.smoke) {
+        if which(peer) {
+            tracers.push(*peer);
+        } else {
+            eprintln!("twbench: {peer} not installed (Debian's libbpf-tools): skipped");
+        }
+    }
+    let started = chrono_like_now();
+    let results = json!({
+        "date": started,
+        "machine": machine(),
+        "options": { "rounds": o.rounds, "seconds": o.seconds, "threads": o.threads },
+        "throughput": throughput(&o, &tracers)?,
+        "exactness": exactness(&o)?,
+        "memory": memory(&o)?,
+        "recording": recording(&o)?,
+        "report": report_time(&o)?,
+        "attach": attach_time()?,
+    });
+    fs::write(
+        o.out.join("bench-results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    fs::write(o.out.join("BENCH.md"), markdown(&results))?;
+    eprintln!("twbench: wrote {}", o.out.join("BENCH.md").display());
+    Ok(())
+}
+
+fn chrono_like_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> Value {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu,
+        "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+    })
+}
+
+fn markdown(r: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let m = &r["machine"];
+    let _ = writeln!(
+        o,
+        "# twtrace benchmarks\n\nMeasured {} on {} CPUs ({}), kernel {}, by `cargo xtask bench` ({} rounds of {} s, {} client threads). Ratios are medians against no tracer, in the same run.\n",
+        r["date"].as_str().unwrap_or(""),
+        m["cpus"],
+        m["cpu"].as_str().unwrap_or(""),
+        m["kernel"].as_str().unwrap_or(""),
+        r["options"]["rounds"],
+        r["options"]["seconds"],
+        r["options"]["threads"]
+    );
+    let _ = writeln!(
+        o,
+        "## Throughput against no tracer\n\n| workload | tracer | median | ratio |\n|---|---|---|---|"
+    );
+    if let Some(t) = r["throughput"].as_object() {
+        for (w, tracers) in t {
+            let unit = if w == "bulk" { "MB/s" } else { "conn/s" };
+            for (name, v) in tracers.as_object().into_iter().flatten() {
+                let med = v["median_per_s"].as_f64().unwrap_or(0.0);
+                let med = if w == "bulk" { med / 1e6 } else { med };
+                let _ = writeln!(
+                    o,
+                    "| {w} | {name} | {med:.0} {unit} | {:.3} |",
+                    v["ratio"].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+        }
+    }
+    let e = &r["exactness"];
+    let mem = &r["memory"];
+    let rec = &r["recording"];
+    let rep = &r["report"];
+    let ratio = |w: &str, t: &str| r["throughput"][w][t]["ratio"].as_f64().unwrap_or(f64::NAN);
+    let churn_min = ["churn-client", "churn-server"]
+        .iter()
+        .flat_map(|w| [ratio(w, "trace"), ratio(w, "record")])
+        .fold(f64::INFINITY, f64::min);
+    let lost = e["loss"]["ringbuf_full"].as_u64().unwrap_or(u64::MAX)
+        + e["loss"]["recursion_misses"].as_u64().unwrap_or(u64::MAX);
+    let goal = |ok: bool| if ok { "met" } else { "NOT MET" };
+    let rss_mib = mem["rss_kib"].as_f64().unwrap_or(0.0) / 1024.0;
+    let bpe = rec["bytes_per_event"].as_f64().unwrap_or(f64::NAN);
+    let report_s = rep["report_s"].as_f64().unwrap_or(f64::NAN);
+    let attach_s = r["attach"]["median_s"].as_f64().unwrap_or(f64::NAN);
+    let _ = writeln!(
+        o,
+        "\n## Goals\n\n| goal | measured | |\n|---|---|---|\n\
+         | churn ratio >= 0.98 with trace and record | {churn_min:.3} (worst of four) | {} |\n\
+         | bulk ratio >= 0.99 | trace {:.3}, record {:.3} | {} |\n\
+         | zero lost events and an exact count at maximum churn | {} connections: kernel {} TIME_WAITs, twtrace {}, lost {lost} | {} |\n\
+         | <= 64 MiB resident with 131072 live TIME_WAITs | {rss_mib:.1} MiB with {} live ({} KiB idle), kernel maps {} KiB | {} |\n\
+         | <= 24 bytes per event recorded | {bpe:.1} | {} |\n\
+         | report over 10 M events in <= 5 s | {report_s:.2} s for {} events | {} |\n\
+         | attached within 1 s | {attach_s:.2} s | {} |",
+        goal(churn_min >= 0.98),
+        ratio("bulk", "trace"),
+        ratio("bulk", "record"),
+        goal(ratio("bulk", "trace") >= 0.99 && ratio("bulk", "record") >= 0.99),
+        e["connections"],
+        e["kernel_time_waits"],
+        e["twtrace_time_waits"],
+        goal(e["exact"] == true && lost == 0),
+        mem["live_time_waits"],
+        mem["rss_idle_kib"],
+        mem["map_memory_kib"],
+        goal(rss_mib <= 64.0 && mem["live_time_waits"].as_u64().unwrap_or(0) >= 131_072),
+        goal(bpe <= 24.0),
+        rep["events"],
+        goal(report_s <= 5.0 && rep["events"].as_u64().unwrap_or(0) >= 10_000_000),
+        goal(attach_s <= 1.0),
+    );
+    o
+}
