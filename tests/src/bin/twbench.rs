@@ -9,7 +9,7 @@ use std::{
     fs,
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -82,40 +82,57 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// A tracer under test, running until dropped.
-fn start_tracer(name: &str, out: &Path) -> anyhow::Result<Option<KillOnDrop>> {
-    let ready = |child: &mut Child, marker: &str| -> anyhow::Result<()> {
-        let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-        let marker = marker.to_string();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in lines.by_ref().map_while(Result::ok) {
-                if l.contains(&marker) {
+/// Starts `cmd` and waits (30 s at most) for `marker` on its stderr. The lines after it are
+/// passed on through the receiver.
+fn spawn_ready(
+    cmd: &mut Command,
+    marker: &str,
+) -> anyhow::Result<(KillOnDrop, std::sync::mpsc::Receiver<String>)> {
+    let mut child = KillOnDrop(cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?);
+    let err = child.0.stderr.take().context("stderr")?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (rest_tx, rest_rx) = std::sync::mpsc::channel();
+    let marker = marker.to_string();
+    std::thread::spawn(move || {
+        let mut ready = Some(ready_tx);
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            match &ready {
+                Some(tx) if l.contains(&marker) => {
                     let _ = tx.send(());
-                    break;
+                    ready = None;
+                }
+                Some(_) => {}
+                None => {
+                    let _ = rest_tx.send(l);
                 }
             }
-            for _ in lines {}
-        });
-        rx.recv_timeout(Duration::from_secs(30))
-            .context("tracer did not start")
-    };
-    let spawn = |cmd: &mut Command| cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn();
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .context("the program did not start")?;
+    Ok((child, rest_rx))
+}
+
+/// A tracer under test, running until dropped.
+fn start_tracer(name: &str, out: &Path) -> anyhow::Result<Option<KillOnDrop>> {
     Ok(Some(match name {
         "none" => return Ok(None),
         "trace" => {
-            let mut c = spawn(Command::new(twtrace_bin()).arg("trace"))?;
-            ready(&mut c, "tracing TIME_WAIT")?;
-            KillOnDrop(c)
+            spawn_ready(
+                Command::new(twtrace_bin()).arg("trace"),
+                "tracing TIME_WAIT",
+            )?
+            .0
         }
         "record" => {
-            let mut c = spawn(
+            spawn_ready(
                 Command::new(twtrace_bin())
                     .args(["record", "-o"])
                     .arg(out.join("bench-record.twt")),
-            )?;
-            ready(&mut c, "recording TIME_WAIT")?;
-            KillOnDrop(c)
+                "recording TIME_WAIT",
+            )?
+            .0
         }
         "tcplife" | "tcpstates" => {
             // Their header is stuck in stdio's buffer when stdout is a pipe: give them the
@@ -211,8 +228,7 @@ fn exactness(o: &Opts) -> anyhow::Result<Value> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let err = t.stderr.take().context("stderr")?;
-    let mut lines = BufReader::new(err).lines();
+    let mut lines = BufReader::new(t.stderr.take().context("stderr")?).lines();
     for l in lines.by_ref() {
         if l?.contains("tracing TIME_WAIT") {
             break;
@@ -282,32 +298,26 @@ fn map_memory(pid: u32) -> u64 {
         .sum()
 }
 
-/// Resident memory and kernel map memory with many live TIME_WAITs.
+/// Resident memory and kernel map memory with many live TIME_WAITs. With tcp_tw_reuse=0 a
+/// port towards one destination stays held, so three destinations hold up to 3 x 64k.
 fn memory(o: &Opts) -> anyhow::Result<Value> {
     let ns = fresh_netns("memory");
-    let t = KillOnDrop(
-        Command::new(twtrace_bin())
-            .args(["trace", "--netns", &ns.name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    std::thread::sleep(Duration::from_secs(2));
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+    let (t, _) = spawn_ready(
+        Command::new(twtrace_bin()).args(["trace", "--netns", &ns.name]),
+        "tracing TIME_WAIT",
+    )?;
     let rss_idle = status_kib(t.0.id(), "VmRSS:");
     let threads = o.threads.to_string();
-    let max = o.live_time_waits.to_string();
-    ns.twload(&[
-        "churn",
-        "127.0.0.1:8080",
-        "120",
-        &max,
-        "0",
-        "client",
-        &threads,
-    ]);
+    let each = o.live_time_waits.div_ceil(3).to_string();
+    let mut live = 0;
+    for port in [8080u16, 8081, 8082] {
+        let server = format!("127.0.0.1:{port}");
+        ns.twload(&["churn", &server, "120", &each, "0", "client", &threads]);
+        live += twtrace_integration::count_time_waits(&ns, port);
+    }
     // Let the drain and the next refresh catch up.
     std::thread::sleep(Duration::from_secs(2));
-    let live = twtrace_integration::count_time_waits(&ns, 8080);
     let rss = status_kib(t.0.id(), "VmRSS:");
     Ok(json!({
         "live_time_waits": live,
@@ -321,18 +331,12 @@ fn memory(o: &Opts) -> anyhow::Result<Value> {
 fn recording(o: &Opts) -> anyhow::Result<Value> {
     let ns = fresh_netns("rec");
     let file = o.out.join("bench-rec.twt");
-    let mut c = Command::new(twtrace_bin())
-        .args(["record", "--netns", &ns.name, "-o"])
-        .arg(&file)
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let err = c.stderr.take().context("stderr")?;
-    let mut lines = BufReader::new(err).lines();
-    for l in lines.by_ref() {
-        if l?.contains("recording TIME_WAIT") {
-            break;
-        }
-    }
+    let (c, rest) = spawn_ready(
+        Command::new(twtrace_bin())
+            .args(["record", "--netns", &ns.name, "-o"])
+            .arg(&file),
+        "recording TIME_WAIT",
+    )?;
     let secs = o.seconds.max(2.0).to_string();
     let threads = o.threads.to_string();
     ns.twload(&[
@@ -344,18 +348,16 @@ fn recording(o: &Opts) -> anyhow::Result<Value> {
         "alt",
         &threads,
     ]);
-    unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
-    let mut stats = String::new();
-    for l in lines {
-        let l = l?;
-        if l.contains("bytes/event") {
-            stats = l;
-        }
-    }
-    c.wait()?;
+    unsafe { libc::kill(c.0.id() as i32, libc::SIGINT) };
+    // "recorded N events in B bytes (X bytes/event) to FILE"
+    // Ends when twtrace exits and closes its stderr.
+    let stats = rest
+        .iter()
+        .find(|l| l.contains("bytes/event"))
+        .unwrap_or_default();
+    drop(c);
     let _ = fs::remove_file(&file);
-    // "recorded N events in B bytes (X bytes/event)"
-    let num = |after: &str| -> Option<f64> {
+    let word_after = |after: &str| -> Option<f64> {
         stats
             .split(after)
             .nth(1)?
@@ -366,9 +368,9 @@ fn recording(o: &Opts) -> anyhow::Result<Value> {
             .ok()
     };
     Ok(json!({
-        "events": num("recorded "),
-        "bytes": num(" in "),
-        "bytes_per_event": stats.split('(').nth(1).and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok()),
+        "events": word_after("recorded "),
+        "bytes": word_after(" in "),
+        "bytes_per_event": word_after("bytes ("),
     }))
 }
 
@@ -481,19 +483,12 @@ fn attach_time() -> anyhow::Result<Value> {
     let mut times = vec![];
     for _ in 0..3 {
         let start = Instant::now();
-        let mut c = Command::new(twtrace_bin())
-            .args(["trace", "--no-existing"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let err = c.stderr.take().context("stderr")?;
-        for l in BufReader::new(err).lines() {
-            if l?.contains("tracing TIME_WAIT") {
-                break;
-            }
-        }
+        let c = spawn_ready(
+            Command::new(twtrace_bin()).args(["trace", "--no-existing"]),
+            "tracing TIME_WAIT",
+        )?;
         times.push(start.elapsed().as_secs_f64());
-        let _ = KillOnDrop(c);
+        drop(c);
     }
     Ok(json!({ "median_s": median(times.clone()), "samples": times }))
 }
@@ -571,6 +566,9 @@ fn machine() -> Value {
 fn markdown(r: &Value) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
+    let history =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/changes.md"))
+            .unwrap_or_default();
     let m = &r["machine"];
     let _ = writeln!(
         o,
@@ -644,5 +642,8 @@ fn markdown(r: &Value) -> String {
         goal(report_s <= 5.0 && rep["events"].as_u64().unwrap_or(0) >= 10_000_000),
         goal(attach_s <= 1.0),
     );
+    if !history.is_empty() {
+        let _ = write!(o, "\n{history}");
+    }
     o
 }
