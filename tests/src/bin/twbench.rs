@@ -303,6 +303,9 @@ fn map_memory(pid: u32) -> u64 {
 fn memory(o: &Opts) -> anyhow::Result<Value> {
     let ns = fresh_netns("memory");
     ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+    // The servers' ports must not be ephemeral: a client TIME_WAIT on 8081 would block the
+    // second server's bind().
+    ns.sysctl("net.ipv4.ip_local_port_range", "10000 65535");
     let (t, _) = spawn_ready(
         Command::new(twtrace_bin()).args(["trace", "--netns", &ns.name]),
         "tracing TIME_WAIT",
