@@ -563,9 +563,8 @@ impl<C: Clock> Aggregator<C> {
         self.stats
             .entered(proc_key(&tw.closer), cgroup_of(&tw.closer), tw.role);
         if let Some(old) = self.alive.insert(e.key, tw) {
+            // The old socket's end was lost (for an address key, its memory then reused).
             self.track(&old, e.ts_ns, false);
-            // Only address keys can collide: the old socket's end was lost and its memory reused.
-            debug_assert!(matches!(old.key, TwKey::Addr(_)));
             self.totals.overdue_dropped += 1;
         }
         if let Some((end, _)) = self.early_ends.remove(&e.key) {
