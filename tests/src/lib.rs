@@ -245,11 +245,16 @@ impl Trace {
             if pred(&recs) {
                 return recs;
             }
-            assert!(
-                Instant::now() < until,
-                "timed out waiting for {what}; records: {recs:#?}; stderr: {}",
-                self.stderr()
-            );
+            if Instant::now() >= until {
+                // Stop twtrace so its totals and loss counters say what happened.
+                unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+                thread::sleep(Duration::from_millis(1500));
+                panic!(
+                    "timed out waiting for {what}; records: {:#?}; stderr: {}",
+                    self.records(),
+                    self.stderr()
+                );
+            }
             thread::sleep(Duration::from_millis(50));
         }
     }
