@@ -301,8 +301,6 @@ pub struct Offsets {
     pub tw_timer: u32,
     /// `inet_timewait_sock.tw_substate`.
     pub tw_substate: u32,
-    /// `inet_timewait_sock.tw_sport` (big-endian).
-    pub tw_sport: u32,
     /// `request_sock.rsk_timer`.
     pub rsk_timer: u32,
     /// `sock_common` fields; a `sock`, an `inet_timewait_sock` and a `request_sock` all start

@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::{
     aggregate::{Aggregator, Clock, Failures, PortFailureRecord, Pressure, Totals},
     event::{NetnsSettings, PortOp},
+    output::endpoint,
 };
 
 /// Port pressure from which a destination is worth a word.
@@ -46,13 +47,6 @@ impl<'a> Evidence<'a> {
             aborts_by_comm: agg.aborts_by_comm(),
             server_tw_by_comm: agg.server_tw_by_comm(),
         }
-    }
-}
-
-fn endpoint(addr: IpAddr, port: u16) -> String {
-    match addr {
-        IpAddr::V6(a) => format!("[{a}]:{port}"),
-        IpAddr::V4(a) => format!("{a}:{port}"),
     }
 }
 

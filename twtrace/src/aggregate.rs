@@ -240,6 +240,17 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// TIME_WAITs that ended this way.
+    pub fn ended_by(&self, end: EndReason) -> u64 {
+        match end {
+            EndReason::Expired => self.expired,
+            EndReason::Reused => self.reused,
+            EndReason::Recycled => self.recycled,
+            EndReason::Reset => self.reset,
+            EndReason::Purged => self.purged,
+        }
+    }
+
     fn count_end(&mut self, end: EndReason) {
         self.ended += 1;
         *match end {

@@ -219,13 +219,7 @@ impl Exporter {
             "TIME_WAIT sockets ended, by how.",
         );
         for end in EndReason::ALL {
-            let n = match end {
-                EndReason::Expired => t.expired,
-                EndReason::Reused => t.reused,
-                EndReason::Recycled => t.recycled,
-                EndReason::Reset => t.reset,
-                EndReason::Purged => t.purged,
-            };
+            let n = t.ended_by(end);
             let _ = writeln!(
                 o,
                 "twtrace_time_wait_ended_total{{reason=\"{}\"}} {n}",

@@ -296,13 +296,7 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
         ends: EndReason::ALL
             .iter()
             .map(|&end| {
-                let count = match end {
-                    EndReason::Expired => t.expired,
-                    EndReason::Reused => t.reused,
-                    EndReason::Recycled => t.recycled,
-                    EndReason::Reset => t.reset,
-                    EndReason::Purged => t.purged,
-                };
+                let count = t.ended_by(end);
                 EndShare {
                     end,
                     count,

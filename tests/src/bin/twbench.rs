@@ -240,17 +240,7 @@ fn exactness(o: &Opts) -> anyhow::Result<Value> {
         c["TW"] + c["TWKilled"]
     };
     let before = counters(&ns);
-    let secs = o.seconds.max(2.0).to_string();
-    let threads = o.threads.to_string();
-    let load = ns.twload(&[
-        "churn",
-        "127.0.0.1:8080",
-        &secs,
-        "10000000",
-        "0",
-        "alt",
-        &threads,
-    ]);
+    let load = max_churn(&ns, o);
     let kernel = counters(&ns) - before;
     std::thread::sleep(Duration::from_millis(500));
     unsafe { libc::kill(t.id() as i32, libc::SIGINT) };
@@ -298,6 +288,21 @@ fn map_memory(pid: u32) -> u64 {
         .sum()
 }
 
+/// Churn as fast as it goes, both sides closing first in turn, for at least 2 s.
+fn max_churn(ns: &Netns, o: &Opts) -> Value {
+    let secs = o.seconds.max(2.0).to_string();
+    let threads = o.threads.to_string();
+    ns.twload(&[
+        "churn",
+        "127.0.0.1:8080",
+        &secs,
+        "10000000",
+        "0",
+        "alt",
+        &threads,
+    ])
+}
+
 /// Resident memory and kernel map memory with many live TIME_WAITs. With tcp_tw_reuse=0 a
 /// port towards one destination stays held, so three destinations hold up to 3 x 64k.
 fn memory(o: &Opts) -> anyhow::Result<Value> {
@@ -340,17 +345,7 @@ fn recording(o: &Opts) -> anyhow::Result<Value> {
             .arg(&file),
         "recording TIME_WAIT",
     )?;
-    let secs = o.seconds.max(2.0).to_string();
-    let threads = o.threads.to_string();
-    ns.twload(&[
-        "churn",
-        "127.0.0.1:8080",
-        &secs,
-        "10000000",
-        "0",
-        "alt",
-        &threads,
-    ]);
+    max_churn(&ns, o);
     unsafe { libc::kill(c.0.id() as i32, libc::SIGINT) };
     // "recorded N events in B bytes (X bytes/event) to FILE"
     // Ends when twtrace exits and closes its stderr.

@@ -87,19 +87,17 @@ struct Identity {
 
 pub async fn run(args: &LiveArgs, verbose: bool) -> anyhow::Result<()> {
     let filters = args.filter.filters()?;
-    if !args.ring_mib.is_power_of_two() || args.ring_mib > 1024 {
-        bail!("--ring-mib must be a power of two between 1 and 1024");
-    }
+    let ring = super::ring_bytes(args.ring_mib)?;
     if args.interval < 0.1 {
         bail!("--interval must be at least 0.1 s");
     }
     // Start tracing before taking over the terminal, so errors print as one plain line.
-    let source = LiveSource::start(&filters, verbose, args.ring_mib << 20, true)?;
+    let source = LiveSource::start(&filters, verbose, ring, true)?;
     let agg = Aggregator::new(MonotonicClock, hz());
     let id = Identity {
         netns: filters.netns,
-        host: read_proc("/proc/sys/kernel/hostname"),
-        kernel: read_proc("/proc/sys/kernel/osrelease"),
+        host: super::read_proc("/proc/sys/kernel/hostname"),
+        kernel: super::read_proc("/proc/sys/kernel/osrelease"),
         started_ns: MonotonicClock.now_ns(),
         replay: None,
         tb: TimeBase::now(),
@@ -300,10 +298,4 @@ async fn plain(
         }
         sink.clear();
     }
-}
-
-fn read_proc(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }

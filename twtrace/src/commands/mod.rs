@@ -11,6 +11,21 @@ use std::{pin::Pin, time::Duration};
 use anyhow::Context as _;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+/// `--ring-mib` as bytes, after checking it is a power of two the kernel accepts.
+pub fn ring_bytes(mib: u32) -> anyhow::Result<u32> {
+    if !mib.is_power_of_two() || mib > 1024 {
+        anyhow::bail!("--ring-mib must be a power of two between 1 and 1024");
+    }
+    Ok(mib << 20)
+}
+
+/// A one-line /proc file (hostname, kernel release), trimmed; empty if unreadable.
+pub fn read_proc(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// When a running command should stop: SIGINT, SIGTERM, or the end of `--duration`.
 pub struct Stop {
     sigint: Signal,

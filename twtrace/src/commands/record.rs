@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, io::Write as _, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use twtrace::{
     aggregate::{Aggregator, MonotonicClock},
     cgroup::CgroupNames,
@@ -21,17 +21,15 @@ use super::{
 
 pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
     let filters = args.filter.filters()?;
-    if !args.ring_mib.is_power_of_two() || args.ring_mib > 1024 {
-        bail!("--ring-mib must be a power of two between 1 and 1024");
-    }
-    let mut source = LiveSource::start(&filters, verbose, args.ring_mib << 20, !args.no_existing)?;
+    let ring = super::ring_bytes(args.ring_mib)?;
+    let mut source = LiveSource::start(&filters, verbose, ring, !args.no_existing)?;
     let hz = hz();
     let header = Header {
         ev: "header".into(),
         format: FORMAT.into(),
         version: VERSION,
-        hostname: read_proc("/proc/sys/kernel/hostname"),
-        kernel: read_proc("/proc/sys/kernel/osrelease"),
+        hostname: super::read_proc("/proc/sys/kernel/hostname"),
+        kernel: super::read_proc("/proc/sys/kernel/osrelease"),
         boot_time: boot_time(),
         twtrace_version: env!("CARGO_PKG_VERSION").into(),
         command_line: std::env::args().collect(),
@@ -112,12 +110,6 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
-}
-
-fn read_proc(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }
 
 /// Boot time from /proc/stat's btime, RFC 3339.

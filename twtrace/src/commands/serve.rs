@@ -5,7 +5,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -31,10 +31,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn run(args: &ServeArgs, verbose: bool) -> anyhow::Result<()> {
     let filters = args.filter.filters()?;
-    if !args.ring_mib.is_power_of_two() || args.ring_mib > 1024 {
-        bail!("--ring-mib must be a power of two between 1 and 1024");
-    }
-    let mut source = LiveSource::start(&filters, verbose, args.ring_mib << 20, true)?;
+    let ring = super::ring_bytes(args.ring_mib)?;
+    let mut source = LiveSource::start(&filters, verbose, ring, true)?;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -6,7 +6,7 @@ use std::{
 };
 
 use super::Stop;
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use twtrace::{
     advice::{self, Evidence},
     aggregate::{Aggregator, MonotonicClock, Record},
@@ -29,10 +29,8 @@ pub fn hz() -> u32 {
 
 pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     let filters = args.filter.filters()?;
-    if !args.ring_mib.is_power_of_two() || args.ring_mib > 1024 {
-        bail!("--ring-mib must be a power of two between 1 and 1024");
-    }
-    let mut source = LiveSource::start(&filters, verbose, args.ring_mib << 20, !args.no_existing)?;
+    let ring = super::ring_bytes(args.ring_mib)?;
+    let mut source = LiveSource::start(&filters, verbose, ring, !args.no_existing)?;
     let mut agg = Aggregator::new(MonotonicClock, hz());
     let mut printer = Printer {
         json: args.json,

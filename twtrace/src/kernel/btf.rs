@@ -149,7 +149,6 @@ impl KernelBtf {
             timer_expires: self.offset_of("timer_list", "expires")?,
             tw_timer: self.offset_of("inet_timewait_sock", "tw_timer")?,
             tw_substate: self.offset_of("inet_timewait_sock", "tw_substate")?,
-            tw_sport: self.offset_of("inet_timewait_sock", "tw_sport")?,
             rsk_timer: self.offset_of("request_sock", "rsk_timer")?,
             skc_daddr: skc("skc_daddr")?,
             skc_rcv_saddr: skc("skc_rcv_saddr")?,

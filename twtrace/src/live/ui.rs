@@ -110,9 +110,21 @@ fn titled(title: String) -> Block<'static> {
     Block::bordered().title(title)
 }
 
-fn table(f: &mut Frame, area: Rect, m: &Model, v: &ViewState) {
-    let head_style = Style::default().add_modifier(Modifier::REVERSED);
+/// A table's column titles, the sort column marked with its direction.
+fn column_titles(columns: &[&str], v: &ViewState) -> Row<'static> {
+    let sort = v.sort.min(columns.len() - 1);
     let arrow = if v.reverse { "^" } else { "v" };
+    Row::new(columns.iter().enumerate().map(|(i, c)| {
+        if i == sort {
+            format!("{c}{arrow}")
+        } else {
+            c.to_string()
+        }
+    }))
+    .style(Style::default().add_modifier(Modifier::REVERSED))
+}
+
+fn table(f: &mut Frame, area: Rect, m: &Model, v: &ViewState) {
     let filter = if v.filter.is_empty() {
         String::new()
     } else {
@@ -120,15 +132,7 @@ fn table(f: &mut Frame, area: Rect, m: &Model, v: &ViewState) {
     };
     match v.table {
         Table::Processes => {
-            let sort = v.sort.min(PROC_COLUMNS.len() - 1);
-            let head = Row::new(PROC_COLUMNS.iter().enumerate().map(|(i, c)| {
-                if i == sort {
-                    format!("{c}{arrow}")
-                } else {
-                    c.to_string()
-                }
-            }))
-            .style(head_style);
+            let head = column_titles(&PROC_COLUMNS, v);
             let rows = m.procs.iter().map(|p| {
                 Row::new(vec![
                     p.pid.to_string(),
@@ -165,15 +169,7 @@ fn table(f: &mut Frame, area: Rect, m: &Model, v: &ViewState) {
             );
         }
         Table::Destinations => {
-            let sort = v.sort.min(DEST_COLUMNS.len() - 1);
-            let head = Row::new(DEST_COLUMNS.iter().enumerate().map(|(i, c)| {
-                if i == sort {
-                    format!("{c}{arrow}")
-                } else {
-                    c.to_string()
-                }
-            }))
-            .style(head_style);
+            let head = column_titles(&DEST_COLUMNS, v);
             let rows = m.dests.iter().map(|d| {
                 let style = if d.percent >= 80.0 {
                     Style::default().fg(Color::Red)

@@ -1,18 +1,9 @@
 //! Columns for a person reading a terminal, one line per finished TIME_WAIT (like tcplife).
 
-use std::net::IpAddr;
-
-use super::TimeBase;
+use super::{TimeBase, endpoint};
 use crate::{aggregate::Record, event::Role};
 
 pub const HEADER: &str = "TIME         PID     COMM             NETNS       ROLE   LADDR:LPORT                RADDR:RPORT                SUBST  LIFE(s)  END";
-
-fn endpoint(addr: IpAddr, port: u16) -> String {
-    match addr {
-        IpAddr::V4(a) => format!("{a}:{port}"),
-        IpAddr::V6(a) => format!("[{a}]:{port}"),
-    }
-}
 
 fn role(r: Role) -> &'static str {
     match r {

@@ -49,6 +49,14 @@ impl TimeBase {
     }
 }
 
+/// `addr:port`, IPv6 in brackets.
+pub fn endpoint(addr: std::net::IpAddr, port: u16) -> String {
+    match addr {
+        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
 /// TCP state names, for the state a TIME_WAIT-less close left.
 pub fn tcp_state_name(s: u8) -> &'static str {
     use twtrace_ebpf::tcp_state::*;
