@@ -178,6 +178,16 @@ fn read<T>(addr: u64) -> Option<T> {
     }
 }
 
+/// A plain load through a pointer the verifier knows by its BTF type: a tracepoint's argument
+/// (`struct sock *`, `struct timer_list *`) or a pointer field loaded through one. The offset is
+/// a constant of the frozen CONFIG, so the verifier checks it against the type and makes the
+/// load fault-safe (a fault reads 0). Much cheaper than a `bpf_probe_read_kernel` call, which
+/// the hot paths of programs that run on every state change and timer cannot afford.
+#[inline(always)]
+fn load<T>(addr: u64) -> T {
+    unsafe { read_volatile(addr as *const T) }
+}
+
 #[inline(always)]
 fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
@@ -492,36 +502,24 @@ fn remember(cookie: u64, info: &ConnInfo) {
 
 // --- connection states -----------------------------------------------------------------------
 
-// Two programs share inet_sock_set_state. The kernel skips a program that an interrupt catches
-// mid-run on the same CPU (a recursion miss). Transitions made by close(), shutdown() and
-// connect() run in process context, where softirq work at interrupt exit can nest: had one
-// program handled everything, the nested (softirq) transitions would be skipped. Split, the
-// nested call only ever misses the process-context program, which has nothing to do for a
-// softirq transition, while the other program handles it.
-
-/// ->SYN_SENT and ->FIN_WAIT1: only ever in process context.
+/// One program for every transition. Each program attached here runs on every state change
+/// of every TCP socket, and on this kind of machine a run costs about as much as the work of a
+/// short one, so a single program keeps the per-connection cost down. What it gives up: a
+/// softirq transition that interrupts a process-context run on the same CPU is skipped by the
+/// kernel (a recursion miss, counted and shown). The TIME_WAIT itself is seen by the timer
+/// programs, so such a miss costs at most a closer or a role.
 #[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn set_state_task(ctx: BtfTracePointContext) -> i32 {
+pub fn set_state(ctx: BtfTracePointContext) -> i32 {
+    use tcp_state::*;
     let sk: *mut c_void = ctx.arg(0);
     let oldstate: i32 = ctx.arg(1);
     let newstate: i32 = ctx.arg(2);
     let (old, new) = (oldstate as u8, newstate as u8);
-    if (old, new) == (tcp_state::CLOSE, tcp_state::SYN_SENT) || new == tcp_state::FIN_WAIT1 {
-        on_set_state(sk, old, new);
-    }
-    0
-}
-
-/// Everything else: mostly softirq (packets arriving), sometimes process context.
-#[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn set_state_any(ctx: BtfTracePointContext) -> i32 {
-    let sk: *mut c_void = ctx.arg(0);
-    let oldstate: i32 = ctx.arg(1);
-    let newstate: i32 = ctx.arg(2);
-    let (old, new) = (oldstate as u8, newstate as u8);
-    if (old, new) == (tcp_state::LISTEN, tcp_state::SYN_RECV)
-        || (old, new) == (tcp_state::FIN_WAIT1, tcp_state::CLOSING)
-        || new == tcp_state::CLOSE
+    if new == CLOSE
+        || new == FIN_WAIT1
+        || (old, new) == (CLOSE, SYN_SENT)
+        || (old, new) == (LISTEN, SYN_RECV)
+        || (old, new) == (FIN_WAIT1, CLOSING)
     {
         on_set_state(sk, old, new);
     }
@@ -535,7 +533,7 @@ fn on_set_state(sk: *mut c_void, old: u8, new: u8) {
         return;
     }
     let skc = sk as u64;
-    if read::<u16>(skc + conf!(off.sk_protocol) as u64) != Some(6) {
+    if load::<u16>(skc + conf!(off.sk_protocol) as u64) != 6 {
         return;
     }
     // The helper assigns a cookie if the socket has none; the TIME_WAIT socket copies it.
@@ -664,10 +662,11 @@ fn on_close(skc: u64, cookie: u64, old: u8) {
 
 #[inline(never)]
 fn count_passive_close(skc: u64) {
-    let Some(net) = read::<u64>(skc + conf!(off.skc_net) as u64) else {
+    let net: u64 = load(skc + conf!(off.skc_net) as u64);
+    if net == 0 {
         return;
-    };
-    let netns: u32 = read(net + conf!(off.net_inum) as u64).unwrap_or(0);
+    }
+    let netns: u32 = load(net + conf!(off.net_inum) as u64);
     let f = conf!(filter.netns);
     if f != 0 && f != netns {
         return;
@@ -683,15 +682,12 @@ fn count_passive_close(skc: u64) {
 /// The test `inet_twsk_alloc` makes before giving up on a TIME_WAIT (`refs - 1 >= max`).
 #[inline(always)]
 fn tw_buckets_full(skc: u64) -> bool {
-    let Some(net) = read::<u64>(skc + conf!(off.skc_net) as u64) else {
+    let net: u64 = load(skc + conf!(off.skc_net) as u64);
+    if net == 0 {
         return false;
-    };
-    let (Some(refs), Some(max)) = (
-        read::<i32>(net + conf!(off.net_tw_refcount) as u64),
-        read::<i32>(net + conf!(off.net_max_tw_buckets) as u64),
-    ) else {
-        return false;
-    };
+    }
+    let refs: i32 = load(net + conf!(off.net_tw_refcount) as u64);
+    let max: i32 = load(net + conf!(off.net_max_tw_buckets) as u64);
     refs > max
 }
 
@@ -702,9 +698,7 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let skc = sk as u64;
-    let Some(state) = read::<u8>(skc + conf!(off.skc_state) as u64) else {
-        return 0;
-    };
+    let state: u8 = load(skc + conf!(off.skc_state) as u64);
     if state == tcp_state::TIME_WAIT {
         // A TIME_WAIT answering a SYN or data with a RST is killed right after, on this CPU.
         if let Some(p) = PERCPU.get_ptr_mut(0) {
@@ -802,12 +796,13 @@ pub fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// The timer's callback: the first thing every timer program reads, for every kernel timer.
 #[inline(always)]
 fn timer_function(timer: u64) -> Option<u64> {
     if timer == 0 {
         return None;
     }
-    read(timer + conf!(off.timer_function) as u64)
+    Some(load(timer + conf!(off.timer_function) as u64))
 }
 
 #[inline(always)]

@@ -33,8 +33,8 @@ pub struct Evidence<'a> {
     pub settings: &'a HashMap<u32, NetnsSettings>,
     pub pressure: &'a [Pressure],
     pub failures: &'a Failures,
-    pub aborts_by_comm: &'a HashMap<String, u64>,
-    pub server_tw_by_comm: &'a HashMap<String, u64>,
+    pub aborts_by_comm: &'a HashMap<std::sync::Arc<str>, u64>,
+    pub server_tw_by_comm: &'a HashMap<std::sync::Arc<str>, u64>,
 }
 
 impl<'a> Evidence<'a> {
@@ -50,11 +50,11 @@ impl<'a> Evidence<'a> {
     }
 }
 
-fn top(counts: &HashMap<String, u64>) -> Option<(&str, u64)> {
+fn top(counts: &HashMap<std::sync::Arc<str>, u64>) -> Option<(&str, u64)> {
     counts
         .iter()
         .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
-        .map(|(k, v)| (k.as_str(), *v))
+        .map(|(k, v)| (k.as_ref(), *v))
 }
 
 /// What to do about client ports held in TIME_WAIT towards `raddr`, given the settings.
@@ -309,8 +309,8 @@ mod tests {
         settings: HashMap<u32, NetnsSettings>,
         pressure: Vec<Pressure>,
         failures: Failures,
-        aborts: HashMap<String, u64>,
-        server: HashMap<String, u64>,
+        aborts: HashMap<std::sync::Arc<str>, u64>,
+        server: HashMap<std::sync::Arc<str>, u64>,
     }
 
     impl World {

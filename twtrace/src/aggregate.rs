@@ -7,7 +7,11 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::stats::{ProcKey, Stats};
+use crate::{
+    FastMap,
+    alive::AliveSet,
+    stats::{ProcKey, Stats},
+};
 
 use crate::event::{
     CloseKind, Dest, EndReason, Endpoints, Event, NetnsSettings, NoTimeWait, NoTwReason,
@@ -19,7 +23,8 @@ pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
 /// An end that arrives before its enter (another CPU's record overtook it) waits this long.
 const EARLY_END_TTL_NS: u64 = 5_000_000_000;
 /// Cookies of ended TIME_WAITs are remembered this long, so a start-up scan that raced with
-/// their end does not bring them back.
+/// their end does not bring them back; after the scan's result, or this long after the first
+/// end when no scan comes, nothing more is remembered.
 const RECENT_END_TTL_NS: u64 = 30_000_000_000;
 /// A TIME_WAIT whose timer should have fired this long ago, with no end seen, is given up.
 const OVERDUE_GRACE_NS: u64 = 30_000_000_000;
@@ -274,21 +279,25 @@ impl Totals {
 pub struct Aggregator<C: Clock> {
     clock: C,
     jiffy_ns: u64,
-    alive: HashMap<TwKey, AliveTw>,
-    early_ends: HashMap<TwKey, (TwEnd, u64)>,
-    recent_ends: HashMap<u64, u64>,
+    alive: AliveSet,
+    early_ends: FastMap<TwKey, (TwEnd, u64)>,
+    recent_ends: FastMap<u64, u64>,
+    /// Event time of the first end, and whether the start-up scan's result came: ends are
+    /// remembered in `recent_ends` only while a scan may still race with them.
+    first_end_ns: Option<u64>,
+    scan_seen: bool,
     totals: Totals,
     settings: HashMap<u32, NetnsSettings>,
     /// Rates of TIME_WAITs per destination; entries go once idle.
-    rates: HashMap<Dest, RateWindow>,
+    rates: FastMap<Dest, RateWindow>,
     /// TIME_WAITs alive per (netns, remote address, remote port): what a connect() to there
     /// competes with.
-    by_remote: HashMap<(u32, std::net::IpAddr, u16), u32>,
+    by_remote: FastMap<(u32, std::net::IpAddr, u16), u32>,
     live: HashMap<u32, Vec<(Dest, u32)>>,
     failures: Failures,
     /// Aborts and server-side TIME_WAITs per command, for advice.
-    aborts_by_comm: HashMap<String, u64>,
-    server_tw_by_comm: HashMap<String, u64>,
+    aborts_by_comm: HashMap<std::sync::Arc<str>, u64>,
+    server_tw_by_comm: HashMap<std::sync::Arc<str>, u64>,
     stats: Stats,
     /// Latest kernel TIME_WAIT counters per namespace.
     kernel_counters: HashMap<u32, std::collections::BTreeMap<String, u64>>,
@@ -304,13 +313,15 @@ impl<C: Clock> Aggregator<C> {
         Self {
             clock,
             jiffy_ns: 1_000_000_000 / u64::from(hz.max(1)),
-            alive: HashMap::new(),
-            early_ends: HashMap::new(),
-            recent_ends: HashMap::new(),
+            alive: AliveSet::default(),
+            early_ends: FastMap::default(),
+            recent_ends: FastMap::default(),
+            first_end_ns: None,
+            scan_seen: false,
             totals: Totals::default(),
             settings: HashMap::new(),
-            rates: HashMap::new(),
-            by_remote: HashMap::new(),
+            rates: FastMap::default(),
+            by_remote: FastMap::default(),
             live: HashMap::new(),
             failures: Failures::default(),
             aborts_by_comm: HashMap::new(),
@@ -359,20 +370,17 @@ impl<C: Clock> Aggregator<C> {
         &self.failures
     }
 
-    pub fn aborts_by_comm(&self) -> &HashMap<String, u64> {
+    pub fn aborts_by_comm(&self) -> &HashMap<std::sync::Arc<str>, u64> {
         &self.aborts_by_comm
     }
 
-    pub fn server_tw_by_comm(&self) -> &HashMap<String, u64> {
+    pub fn server_tw_by_comm(&self) -> &HashMap<std::sync::Arc<str>, u64> {
         &self.server_tw_by_comm
     }
 
     /// TIME_WAITs alive in `netns` (what counts against tcp_max_tw_buckets).
     pub fn alive_in(&self, netns: u32) -> usize {
-        self.alive
-            .values()
-            .filter(|t| t.conn.netns == netns)
-            .count()
+        self.alive.iter().filter(|t| t.conn.netns == netns).count()
     }
 
     /// Port pressure per destination, highest first. Only namespaces whose settings are known
@@ -380,7 +388,7 @@ impl<C: Clock> Aggregator<C> {
     pub fn pressure(&self) -> Vec<Pressure> {
         let now = self.clock.now_ns();
         let mut held: HashMap<Dest, (u32, u32)> = HashMap::new();
-        for tw in self.alive.values() {
+        for tw in self.alive.iter() {
             if let Some(s) = self.settings.get(&tw.conn.netns)
                 && s.in_ephemeral_range(tw.conn.lport)
             {
@@ -450,7 +458,7 @@ impl<C: Clock> Aggregator<C> {
                 .unwrap_or(0),
             PortOp::Bind => self
                 .alive
-                .values()
+                .iter()
                 .filter(|t| {
                     t.conn.netns == f.conn.netns
                         && t.conn.lport == f.conn.lport
@@ -478,7 +486,7 @@ impl<C: Clock> Aggregator<C> {
     }
 
     pub fn alive(&self) -> impl Iterator<Item = &AliveTw> {
-        self.alive.values()
+        self.alive.iter()
     }
 
     pub fn alive_count(&self) -> usize {
@@ -541,6 +549,8 @@ impl<C: Clock> Aggregator<C> {
                 for s in sockets {
                     self.existing(ts_ns, s, out);
                 }
+                self.scan_seen = true;
+                self.recent_ends = FastMap::default();
             }
         }
     }
@@ -573,7 +583,7 @@ impl<C: Clock> Aggregator<C> {
         self.track(&tw, e.ts_ns, true);
         self.stats
             .entered(proc_key(&tw.closer), cgroup_of(&tw.closer), tw.role);
-        if let Some(old) = self.alive.insert(e.key, tw) {
+        if let Some(old) = self.alive.insert(tw) {
             // The old socket's end was lost (for an address key, its memory then reused).
             self.track(&old, e.ts_ns, false);
             self.totals.overdue_dropped += 1;
@@ -603,7 +613,11 @@ impl<C: Clock> Aggregator<C> {
             e.ts_ns.saturating_sub(tw.entered_ns),
         );
         tw.substate = e.substate;
-        if let TwKey::Cookie(c) = e.key {
+        let first = *self.first_end_ns.get_or_insert(e.ts_ns);
+        if let TwKey::Cookie(c) = e.key
+            && !self.scan_seen
+            && e.ts_ns.saturating_sub(first) < RECENT_END_TTL_NS
+        {
             self.recent_ends.insert(c, e.ts_ns);
         }
         out.push(Record::TimeWait(TimeWaitRecord {
@@ -644,7 +658,7 @@ impl<C: Clock> Aggregator<C> {
         };
         self.totals.preexisting += 1;
         self.track(&tw, ts_ns, true);
-        self.alive.insert(key, tw);
+        self.alive.insert(tw);
         if let Some((end, _)) = self.early_ends.remove(&key) {
             self.end(end, out);
         }
@@ -661,17 +675,12 @@ impl<C: Clock> Aggregator<C> {
         self.totals.unmatched_ends += (before - self.early_ends.len()) as u64;
         self.recent_ends
             .retain(|_, ended| now.saturating_sub(*ended) < RECENT_END_TTL_NS);
-        let overdue: Vec<TwKey> = self
+        let overdue = self
             .alive
-            .values()
-            .filter(|tw| now >= tw.armed_ns + tw.timeout_ns + OVERDUE_GRACE_NS)
-            .map(|tw| tw.key)
-            .collect();
-        for key in overdue {
-            if let Some(tw) = self.alive.remove(&key) {
-                self.track(&tw, now, false);
-                self.totals.overdue_dropped += 1;
-            }
+            .extract_if(|tw| now >= tw.armed_ns + tw.timeout_ns + OVERDUE_GRACE_NS);
+        for tw in overdue {
+            self.track(&tw, now, false);
+            self.totals.overdue_dropped += 1;
         }
         let by_remote = &self.by_remote;
         self.rates.retain(|d, r| {
@@ -712,6 +721,22 @@ pub(crate) mod tests {
             uid: 0,
             comm: comm.into(),
             cgroup_id: 0,
+        }
+    }
+
+    pub fn alive_tw(key: TwKey) -> AliveTw {
+        AliveTw {
+            key,
+            conn: conn(40000),
+            closer: Some(proc_(10, "client")),
+            role: Role::Client,
+            close: CloseKind::Active,
+            substate: Substate::TimeWait,
+            entered_ns: S,
+            armed_ns: S,
+            timeout_ns: TIMEWAIT_LEN_NS,
+            rescheduled: 0,
+            preexisting: false,
         }
     }
 
@@ -760,7 +785,7 @@ pub(crate) mod tests {
             let r = only_tw(&out);
             assert_eq!(r.end, reason);
             assert_eq!(r.lifetime_ns(), 2 * S);
-            assert_eq!(r.tw.closer.as_ref().unwrap().comm, "client");
+            assert_eq!(&*r.tw.closer.as_ref().unwrap().comm, "client");
             assert_eq!(r.reused_by.is_some(), reason == EndReason::Reused);
             assert_eq!(a.alive_count(), 0);
             assert_eq!(a.totals().ended, 1);
@@ -904,6 +929,38 @@ pub(crate) mod tests {
         let r = only_tw(&out);
         assert_eq!(r.tw.key, TwKey::Cookie(3));
         assert_eq!(r.end, EndReason::Expired);
+    }
+
+    #[test]
+    fn ended_cookies_are_remembered_only_while_a_scan_may_race() {
+        let (mut a, _) = agg();
+        let mut out = vec![];
+        for c in 1..=100u64 {
+            a.ingest(enter(TwKey::Cookie(c), S, Substate::TimeWait), &mut out);
+            a.ingest(end(TwKey::Cookie(c), 2 * S, EndReason::Reused), &mut out);
+        }
+        assert_eq!(a.recent_ends.len(), 100);
+        a.ingest(
+            Event::TwExisting {
+                ts_ns: 3 * S,
+                sockets: vec![],
+            },
+            &mut out,
+        );
+        assert!(a.recent_ends.is_empty());
+        for c in 101..=200u64 {
+            a.ingest(enter(TwKey::Cookie(c), 4 * S, Substate::TimeWait), &mut out);
+            a.ingest(end(TwKey::Cookie(c), 5 * S, EndReason::Reused), &mut out);
+        }
+        assert!(a.recent_ends.is_empty(), "nothing to race with any more");
+
+        // No scan at all (a replay without one): remembered for the first 30 s only.
+        let (mut b, _) = agg();
+        b.ingest(enter(TwKey::Cookie(1), S, Substate::TimeWait), &mut out);
+        b.ingest(end(TwKey::Cookie(1), S, EndReason::Reused), &mut out);
+        b.ingest(enter(TwKey::Cookie(2), S, Substate::TimeWait), &mut out);
+        b.ingest(end(TwKey::Cookie(2), 40 * S, EndReason::Reused), &mut out);
+        assert_eq!(b.recent_ends.len(), 1);
     }
 
     #[test]

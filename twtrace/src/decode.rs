@@ -1,11 +1,15 @@
 //! Ring-buffer records -> [`Event`]s. The record layouts are the `#[repr(C)]` structs of
 //! `twtrace_ebpf`, the same definitions the kernel programs write.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
 
 use twtrace_ebpf::{
-    AF_INET, AF_INET6, Conn, EndReason as KEnd, EventHeader, EventKind, NoTw, NoTwReason as KNoTw,
-    OPEN_ATTRIBUTED, PortFail, Task, TwOpen, TwUpdate, port_op,
+    AF_INET, AF_INET6, COMM_LEN, Conn, EndReason as KEnd, EventHeader, EventKind, NoTw,
+    NoTwReason as KNoTw, OPEN_ATTRIBUTED, PortFail, Task, TwOpen, TwUpdate, port_op,
 };
 
 use crate::event::{
@@ -162,14 +166,49 @@ fn endpoints(c: &Conn) -> Result<Endpoints, DecodeError> {
 }
 
 fn process(t: &Task) -> Process {
-    let n = t.comm.iter().position(|&b| b == 0).unwrap_or(t.comm.len());
     Process {
         pid: t.pid,
         tid: t.tid,
         uid: t.uid,
-        comm: String::from_utf8_lossy(&t.comm[..n]).into_owned(),
+        comm: comm(&t.comm),
         cgroup_id: t.cgroup,
     }
+}
+
+/// Distinct comms seen, shared by every event that names one: no allocation per event.
+const COMM_CACHE_MAX: usize = 4096;
+
+thread_local! {
+    static COMMS: std::cell::RefCell<HashMap<[u8; COMM_LEN], Arc<str>>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+fn comm(raw: &[u8; COMM_LEN]) -> Arc<str> {
+    let n = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    shared_comm(&raw[..n])
+}
+
+/// The shared copy of a comm (the kernel's are at most 15 bytes; longer names, from a
+/// recording, are not cached).
+pub fn shared_comm(name: &[u8]) -> Arc<str> {
+    let Some(key) = (name.len() <= COMM_LEN).then(|| {
+        let mut k = [0u8; COMM_LEN];
+        k[..name.len()].copy_from_slice(name);
+        k
+    }) else {
+        return String::from_utf8_lossy(name).into();
+    };
+    COMMS.with_borrow_mut(|cache| {
+        if let Some(c) = cache.get(&key) {
+            return c.clone();
+        }
+        if cache.len() >= COMM_CACHE_MAX {
+            cache.clear();
+        }
+        let c: Arc<str> = String::from_utf8_lossy(name).into();
+        cache.insert(key, c.clone());
+        c
+    })
 }
 
 /// Encoders for tests: the inverse of [`decode`], writing the kernel's layouts.
@@ -247,7 +286,7 @@ mod tests {
         assert_eq!(e.conn.rport, 80);
         assert_eq!(e.conn.netns, 4026531840);
         let p = e.closer.unwrap();
-        assert_eq!((p.pid, p.comm.as_str(), p.cgroup_id), (1234, "curl", 7));
+        assert_eq!((p.pid, p.comm.as_ref(), p.cgroup_id), (1234, "curl", 7));
         assert_eq!(e.role, Role::Client);
         assert_eq!(e.close, CloseKind::Active);
         assert_eq!(e.substate, Substate::TimeWait);
@@ -348,7 +387,7 @@ mod tests {
                 panic!()
             };
             assert_eq!((e.op, e.errno, e.conn.rport), (want, 99, 80));
-            assert_eq!(e.process.comm, "wget");
+            assert_eq!(&*e.process.comm, "wget");
         }
     }
 

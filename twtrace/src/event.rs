@@ -134,13 +134,22 @@ impl NoTwReason {
     }
 }
 
+/// Reads a comm into the decoder's cache of shared comms: a recording of millions of events
+/// names a handful of processes.
+fn shared_comm<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::sync::Arc<str>, D::Error> {
+    let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+    Ok(crate::decode::shared_comm(s.as_bytes()))
+}
+
 /// A task as the kernel saw it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Process {
     pub pid: u32,
     pub tid: u32,
     pub uid: u32,
-    pub comm: String,
+    /// Shared: a busy host has few distinct comms and many TIME_WAITs holding one.
+    #[serde(deserialize_with = "shared_comm")]
+    pub comm: std::sync::Arc<str>,
     /// cgroup v2 id; 0 when unknown.
     pub cgroup_id: u64,
 }
@@ -369,6 +378,24 @@ pub enum Event {
 }
 
 impl Event {
+    /// Parses one recorded line. serde reads an internally tagged enum by first buffering the
+    /// whole object into a generic tree; the per-connection events, nearly every line of a
+    /// recording, are parsed straight into their struct instead (the writer puts the tag
+    /// first, and the struct ignores it). Anything else takes the generic path.
+    pub fn from_json(line: &str) -> serde_json::Result<Event> {
+        let tag = line
+            .strip_prefix(r#"{"ev":""#)
+            .and_then(|r| r.split_once('"').map(|(tag, _)| tag));
+        match tag {
+            Some("tw_enter") => serde_json::from_str(line).map(Event::TwEnter),
+            Some("tw_end") => serde_json::from_str(line).map(Event::TwEnd),
+            Some("tw_resched") => serde_json::from_str(line).map(Event::TwResched),
+            Some("no_time_wait") => serde_json::from_str(line).map(Event::NoTimeWait),
+            Some("port_failure") => serde_json::from_str(line).map(Event::PortFailure),
+            _ => serde_json::from_str(line),
+        }
+    }
+
     /// The cgroup of the process an event names, if any.
     pub fn cgroup_id(&self) -> Option<u64> {
         let p = match self {

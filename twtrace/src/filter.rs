@@ -79,7 +79,7 @@ impl Filters {
         }
         p.is_some_and(|p| {
             self.pid.is_none_or(|pid| pid == p.pid)
-                && self.comm.as_ref().is_none_or(|c| *c == p.comm)
+                && self.comm.as_ref().is_none_or(|c| **c == *p.comm)
         })
     }
 }

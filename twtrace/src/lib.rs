@@ -6,6 +6,7 @@
 
 pub mod advice;
 pub mod aggregate;
+pub mod alive;
 pub mod cgroup;
 pub mod cli;
 pub mod compare;
@@ -20,3 +21,7 @@ pub mod record;
 pub mod report;
 pub mod source;
 pub mod stats;
+
+/// The maps the per-event path touches. foldhash: their keys are kernel-made (cookies,
+/// addresses, pids), and SipHash was a visible share of the reader's time at high churn.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

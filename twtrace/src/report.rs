@@ -144,7 +144,7 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
     };
 
     for (_, trace) in traces {
-        for ev in &trace.events {
+        for ev in trace.events() {
             let ts = ev.ts_ns();
             if !window.contains(ts) {
                 continue;
@@ -215,7 +215,7 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
         .iter()
         .map(|(k, p)| ProcessRow {
             pid: k.pid,
-            comm: k.comm.clone(),
+            comm: k.comm.to_string(),
             cgroup_id: p.cgroup_id,
             cgroup: agg.cgroup_path(p.cgroup_id).map(str::to_string),
             container: agg
@@ -360,7 +360,7 @@ mod tests {
                     clock_offset_ns: 0,
                     settings: Default::default(),
                 },
-                events,
+                frames: vec![events],
                 warnings: vec![],
             },
         )

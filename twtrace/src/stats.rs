@@ -1,8 +1,8 @@
 //! Distributions and per-process counts the aggregator keeps for views and reports.
 
-use std::collections::HashMap;
-
 use serde::Serialize;
+
+use crate::FastMap;
 
 use crate::event::{EndReason, Role};
 
@@ -142,7 +142,7 @@ impl From<&LogHistogram> for Lifetimes {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct ProcKey {
     pub pid: u32,
-    pub comm: String,
+    pub comm: std::sync::Arc<str>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -163,7 +163,7 @@ pub const MAX_PROCESSES: usize = 4096;
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
     pub lifetimes: LogHistogram,
-    pub by_process: HashMap<ProcKey, ProcStats>,
+    pub by_process: FastMap<ProcKey, ProcStats>,
 }
 
 impl Stats {

@@ -38,7 +38,7 @@ impl Feed for LiveSource {
 
 /// A recording played back at `speed`, driving the aggregator's clock.
 struct Playback {
-    events: std::vec::IntoIter<Event>,
+    events: std::iter::Flatten<std::vec::IntoIter<Vec<Event>>>,
     next: Option<Event>,
     clock: ReplayClock,
     first_ns: u64,
@@ -121,7 +121,7 @@ pub async fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
         eprintln!("twtrace: warning: {w}");
     }
     let clock = ReplayClock::default();
-    let first_ns = trace.events.first().map_or(0, Event::ts_ns);
+    let first_ns = trace.first_ts_ns().unwrap_or(0);
     clock.set(first_ns);
     let agg = Aggregator::new(clock.clone(), trace.header.hz);
     let id = Identity {
@@ -132,7 +132,7 @@ pub async fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
         replay: Some(format!("{} at {}x", args.file.display(), args.speed)),
         tb: TimeBase::with_offset_ns(trace.header.clock_offset_ns),
     };
-    let mut events = trace.events.into_iter();
+    let mut events = trace.into_events();
     let feed = Playback {
         next: events.next(),
         events,

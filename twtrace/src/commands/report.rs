@@ -12,7 +12,14 @@ use twtrace::{
 pub fn load(files: &[std::path::PathBuf]) -> anyhow::Result<Vec<(String, Trace)>> {
     let mut out = Vec::new();
     for f in files {
+        let started = std::time::Instant::now();
         let t = record::read(f)?;
+        log::info!(
+            "read {} ({} frames) in {:.2} s",
+            f.display(),
+            t.frames.len(),
+            started.elapsed().as_secs_f64()
+        );
         for w in &t.warnings {
             eprintln!("twtrace: warning: {w}");
         }
@@ -25,8 +32,7 @@ pub fn load(files: &[std::path::PathBuf]) -> anyhow::Result<Vec<(String, Trace)>
 fn resolve(spec: &str, traces: &[(String, Trace)]) -> anyhow::Result<u64> {
     let first = traces
         .iter()
-        .flat_map(|(_, t)| t.events.first())
-        .map(|e| e.ts_ns())
+        .filter_map(|(_, t)| t.first_ts_ns())
         .min()
         .unwrap_or(0);
     if let Some(off) = parse_offset(spec) {
@@ -59,7 +65,13 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     {
         bail!("--from is after --to");
     }
+    let started = std::time::Instant::now();
     let r = report::build(&traces, &args.filter.filters()?, window);
+    log::info!(
+        "aggregated {} events in {:.2} s",
+        r.events,
+        started.elapsed().as_secs_f64()
+    );
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

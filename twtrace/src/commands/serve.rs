@@ -71,7 +71,7 @@ pub async fn run(args: &ServeArgs, verbose: bool) -> anyhow::Result<()> {
             if let Event::TwEnter(t) = &e {
                 exporter.entered(
                     t.role,
-                    t.closer.as_ref().map(|p| (p.comm.as_str(), p.cgroup_id)),
+                    t.closer.as_ref().map(|p| (p.comm.as_ref(), p.cgroup_id)),
                 );
             }
             agg.ingest(e, &mut records);

@@ -26,47 +26,32 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 struct Hook {
     program: &'static str,
     tracepoint: &'static str,
-    /// Whether a run the kernel skips (recursion miss) can lose data. `set_state_task` handles
-    /// only transitions made in process context; what interrupts it is softirq work, whose
-    /// transitions it ignores and `set_state_any` handles.
-    miss_loses_data: bool,
 }
 
 const HOOKS: &[Hook] = &[
     Hook {
-        program: "set_state_task",
+        program: "set_state",
         tracepoint: "inet_sock_set_state",
-        miss_loses_data: false,
-    },
-    Hook {
-        program: "set_state_any",
-        tracepoint: "inet_sock_set_state",
-        miss_loses_data: true,
     },
     Hook {
         program: "tcp_send_reset",
         tracepoint: "tcp_send_reset",
-        miss_loses_data: true,
     },
     Hook {
         program: "tcp_receive_reset",
         tracepoint: "tcp_receive_reset",
-        miss_loses_data: true,
     },
     Hook {
         program: "timer_start",
         tracepoint: "timer_start",
-        miss_loses_data: true,
     },
     Hook {
         program: "timer_cancel",
         tracepoint: "timer_cancel",
-        miss_loses_data: true,
     },
     Hook {
         program: "timer_expire_entry",
         tracepoint: "timer_expire_entry",
-        miss_loses_data: true,
     },
 ];
 
@@ -118,16 +103,14 @@ pub struct Loss {
     /// Kernel memory reads that failed.
     pub read_fail: u64,
     /// Program runs the kernel skipped because the same program was already running on that
-    /// CPU (an interrupt nested inside it), in programs where that can lose an event.
+    /// CPU (an interrupt nested inside it).
     pub recursion_misses: u64,
-    /// Skipped runs that cannot lose an event (see `Hook::miss_loses_data`).
-    pub recursion_misses_harmless: u64,
     /// Skipped runs per program.
     pub recursion_misses_by_program: std::collections::BTreeMap<String, u64>,
 }
 
 impl Loss {
-    /// Nothing lost (harmless recursion misses aside).
+    /// Nothing lost.
     pub fn is_zero(&self) -> bool {
         self.ringbuf_full == 0
             && self.conn_map_fail == 0
@@ -290,6 +273,9 @@ impl Tracer {
                 .ok_or(TracerError::Missing("PASSIVE_CLOSES"))?,
         )
         .map_err(|e| TracerError::Map("PASSIVE_CLOSES", e))?;
+        // Loading parsed the kernel's BTF (megabytes, now freed): hand that memory back rather
+        // than keep it resident for the whole run.
+        unsafe { libc::malloc_trim(0) };
         Ok((
             Self {
                 ebpf,
@@ -329,11 +315,7 @@ impl Tracer {
                 continue;
             };
             let misses = recursion_misses(fd.as_fd().as_raw_fd());
-            if hook.miss_loses_data {
-                loss.recursion_misses += misses;
-            } else {
-                loss.recursion_misses_harmless += misses;
-            }
+            loss.recursion_misses += misses;
             loss.recursion_misses_by_program
                 .insert(hook.program.to_string(), misses);
         }

@@ -186,7 +186,7 @@ impl ViewState {
                 n.conn.lport,
                 n.conn.raddr,
                 n.conn.rport,
-                n.closer.as_ref().map_or("?", |p| p.comm.as_str())
+                n.closer.as_ref().map_or("?", |p| p.comm.as_ref())
             ),
             Record::TimeWait(_) => return,
         };
@@ -279,7 +279,7 @@ impl ViewState {
                 let ended = s.map_or(0, |s| s.ended);
                 ProcRow {
                     pid: k.pid,
-                    comm: k.comm.clone(),
+                    comm: k.comm.to_string(),
                     cgroup: cgroup_name(s.map_or(0, |s| s.cgroup_id)),
                     alive: a,
                     new_per_s: if elapsed > 0.0 {

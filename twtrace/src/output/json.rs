@@ -81,7 +81,7 @@ fn identity<'a>(
         rport: conn.rport,
         pid: closer.map(|p| p.pid),
         tid: closer.map(|p| p.tid),
-        comm: closer.map(|p| p.comm.as_str()),
+        comm: closer.map(|p| p.comm.as_ref()),
         uid: closer.map(|p| p.uid),
         cgroup: closer.and_then(|p| cgroups.path(p.cgroup_id).map(str::to_string)),
         cgroup_id: closer.map(|p| p.cgroup_id).filter(|&id| id != 0),
@@ -228,7 +228,7 @@ pub fn line(rec: &Record, tb: &TimeBase, cgroups: &mut CgroupNames) -> String {
                 .utc(r.ended_ns)
                 .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             reused_by_pid: r.reused_by.as_ref().map(|p| p.pid),
-            reused_by_comm: r.reused_by.as_ref().map(|p| p.comm.as_str()),
+            reused_by_comm: r.reused_by.as_ref().map(|p| p.comm.as_ref()),
             rescheduled: r.tw.rescheduled,
             preexisting: r.tw.preexisting,
         }),

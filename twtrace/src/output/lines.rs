@@ -72,7 +72,7 @@ pub fn line(rec: &Record, tb: &TimeBase) -> String {
         ),
     };
     let (pid, comm) = closer
-        .map(|p| (p.pid.to_string(), p.comm.as_str()))
+        .map(|p| (p.pid.to_string(), p.comm.as_ref()))
         .unwrap_or(("-".into(), "?"));
     format!(
         "{:<12} {:<7} {:<16} {:<11} {:<6} {:<26} {:<26} {:<6} {:>7}  {}",
