@@ -33,7 +33,7 @@ enum Task {
     /// Measure what twtrace costs against no tracer and its peers (root; several minutes):
     /// writes BENCH.md and bench-results.json.
     Bench {
-        /// Options for twbench (--rounds N, --seconds S, --quick).
+        /// Options for twbench (--rounds N, --seconds S, --quick, --only PART, --render).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
