@@ -2,7 +2,6 @@
 //! `twtrace_ebpf`, the same definitions the kernel programs write.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
@@ -12,6 +11,7 @@ use twtrace_ebpf::{
     NoTwReason as KNoTw, OPEN_ATTRIBUTED, PortFail, Task, TwOpen, TwUpdate, port_op,
 };
 
+use crate::FastMap;
 use crate::event::{
     CloseKind, EndReason, Endpoints, Event, Family, NoTimeWait, NoTwReason, PortFailure, PortOp,
     Process, Role, Substate, TwEnd, TwEnter, TwKey, TwResched,
@@ -179,8 +179,8 @@ fn process(t: &Task) -> Process {
 const COMM_CACHE_MAX: usize = 4096;
 
 thread_local! {
-    static COMMS: std::cell::RefCell<HashMap<[u8; COMM_LEN], Arc<str>>> =
-        std::cell::RefCell::new(HashMap::new());
+    static COMMS: std::cell::RefCell<FastMap<[u8; COMM_LEN], Arc<str>>> =
+        std::cell::RefCell::new(FastMap::default());
 }
 
 fn comm(raw: &[u8; COMM_LEN]) -> Arc<str> {

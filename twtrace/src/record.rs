@@ -52,6 +52,26 @@ pub struct Header {
     pub settings: std::collections::BTreeMap<String, NetnsSettings>,
 }
 
+impl Header {
+    /// A header of this format and version for `hostname`; what else describes the host is
+    /// left empty for the caller to fill in.
+    pub fn new(hostname: impl Into<String>, hz: u32) -> Self {
+        Self {
+            ev: "header".into(),
+            format: FORMAT.into(),
+            version: VERSION,
+            hostname: hostname.into(),
+            kernel: String::new(),
+            boot_time: String::new(),
+            twtrace_version: String::new(),
+            command_line: vec![],
+            hz,
+            clock_offset_ns: 0,
+            settings: Default::default(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
     #[error("{path}: {source}")]
@@ -267,15 +287,30 @@ pub fn read(path: &Path) -> Result<Trace, RecordError> {
             }
         }
     }
-    let first = frames
+    // Frames are independent (each holds whole lines): decompress and parse them on every
+    // CPU, in contiguous runs so the events stay in file order.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = frames.len().div_ceil(workers).max(1);
+    let parsed: Vec<Vec<Frame>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = frames
+            .chunks(per)
+            .map(|run| {
+                scope.spawn(move || {
+                    let mut reader = FrameReader::default();
+                    run.iter().map(|f| reader.parse(f)).collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let header: Header = parsed
         .first()
-        .and_then(|f| zstd::stream::decode_all(*f).ok())
-        .unwrap_or_default();
-    let header: Header = first
-        .split(|&b| b == b'\n')
-        .next()
-        .and_then(|l| serde_json::from_slice(l).ok())
-        .filter(|h: &Header| h.format == FORMAT)
+        .and_then(|run| run.first())
+        .and_then(|f| f.header.clone())
+        .filter(|h| h.format == FORMAT)
         .ok_or_else(|| RecordError::NotATrace {
             path: name.clone(),
             why: "no twtrace header".into(),
@@ -286,25 +321,6 @@ pub fn read(path: &Path) -> Result<Trace, RecordError> {
             found: header.version,
         });
     }
-    // Frames are independent (each holds whole lines): decompress and parse them on every
-    // CPU, in contiguous runs so the events stay in file order.
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per = frames.len().div_ceil(workers).max(1);
-    let parsed: Vec<Vec<Frame>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = frames
-            .chunks(per)
-            .map(|run| {
-                scope.spawn(move || {
-                    let mut buf = Vec::new();
-                    run.iter().map(|f| parse_frame(f, &mut buf)).collect()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_default())
-            .collect()
-    });
     // Kept per frame: one vector of ten million events would be copied and faulted in again.
     let mut frames = Vec::with_capacity(frames.len());
     let (mut bad, mut damaged) = (0u64, 0u64);
@@ -331,6 +347,8 @@ pub fn read(path: &Path) -> Result<Trace, RecordError> {
 /// One frame's events.
 #[derive(Default)]
 struct Frame {
+    /// The frame's first line, when it is a header (the first frame of every file).
+    header: Option<Header>,
     events: Vec<Event>,
     /// Lines that are not events.
     bad: u64,
@@ -338,69 +356,90 @@ struct Frame {
     damaged: bool,
 }
 
-/// Decompresses into `buf` (reused: a fresh buffer per frame is fresh pages to fault in).
-fn parse_frame(frame: &[u8], buf: &mut Vec<u8>) -> Frame {
-    let size = zstd::zstd_safe::get_frame_content_size(frame)
-        .ok()
-        .flatten()
-        .unwrap_or(0)
-        .min(1 << 30) as usize;
-    buf.clear();
-    buf.reserve(size);
-    let text: &[u8] = if size > 0
-        && zstd::bulk::Decompressor::new()
-            .and_then(|mut d| d.decompress_to_buffer(frame, buf))
-            .is_ok()
-    {
-        buf
-    } else {
+/// Decompresses and parses frames, reusing its context and buffer from one frame to the next
+/// (a fresh buffer per frame is fresh pages to fault in).
+#[derive(Default)]
+struct FrameReader {
+    dctx: Option<zstd::bulk::Decompressor<'static>>,
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    fn decompress(&mut self, frame: &[u8]) -> bool {
+        let size = zstd::zstd_safe::get_frame_content_size(frame)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+            .min(1 << 30) as usize;
+        self.buf.clear();
+        if size > 0 {
+            if self.dctx.is_none() {
+                self.dctx = zstd::bulk::Decompressor::new().ok();
+            }
+            self.buf.reserve(size);
+            if let Some(d) = &mut self.dctx
+                && d.decompress_to_buffer(frame, &mut self.buf).is_ok()
+            {
+                return true;
+            }
+        }
+        // The size is not in the frame header, or the bulk call failed: stream it.
         match zstd::stream::decode_all(frame) {
             Ok(t) => {
-                *buf = t;
-                buf
+                self.buf = t;
+                true
             }
-            Err(_) => {
-                return Frame {
-                    damaged: true,
-                    ..Frame::default()
-                };
-            }
-        }
-    };
-    let mut out = Frame {
-        events: Vec::with_capacity(text.iter().filter(|&&b| b == b'\n').count()),
-        ..Frame::default()
-    };
-    // UTF-8 is checked once for the frame (fast, vectorised), not string by string; a frame
-    // with a bad byte is checked line by line so only that line is lost.
-    let whole = std::str::from_utf8(text).ok();
-    let mut rest = text;
-    while !rest.is_empty() {
-        let n = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
-        let (raw, tail) = rest.split_at(n);
-        rest = tail.get(1..).unwrap_or_default();
-        let line = match whole {
-            // SAFETY: a sub-slice of valid UTF-8 cut at ASCII newlines is valid UTF-8.
-            Some(_) => unsafe { std::str::from_utf8_unchecked(raw) },
-            None => match std::str::from_utf8(raw) {
-                Ok(l) => l,
-                Err(_) => {
-                    out.bad += 1;
-                    continue;
-                }
-            },
-        };
-        if line.is_empty() {
-            continue;
-        }
-        match Event::from_json(line) {
-            Ok(e) => out.events.push(e),
-            // A header (the file's first line; rotation writes one per file) is not an event.
-            Err(_) if line.starts_with(r#"{"ev":"header""#) => {}
-            Err(_) => out.bad += 1,
+            Err(_) => false,
         }
     }
-    out
+
+    fn parse(&mut self, frame: &[u8]) -> Frame {
+        if !self.decompress(frame) {
+            return Frame {
+                damaged: true,
+                ..Frame::default()
+            };
+        }
+        let text = &self.buf[..];
+        let mut out = Frame {
+            events: Vec::with_capacity(text.iter().filter(|&&b| b == b'\n').count()),
+            ..Frame::default()
+        };
+        // UTF-8 is checked once for the frame (fast, vectorised), not string by string; a frame
+        // with a bad byte is checked line by line so only that line is lost.
+        let whole = std::str::from_utf8(text).is_ok();
+        let mut first = true;
+        for raw in text.split(|&b| b == b'\n') {
+            let line = if whole {
+                // SAFETY: a sub-slice of valid UTF-8 cut at ASCII newlines is valid UTF-8.
+                unsafe { std::str::from_utf8_unchecked(raw) }
+            } else {
+                match std::str::from_utf8(raw) {
+                    Ok(l) => l,
+                    Err(_) => {
+                        out.bad += 1;
+                        continue;
+                    }
+                }
+            };
+            if line.is_empty() {
+                continue;
+            }
+            let is_first = std::mem::take(&mut first);
+            // A header (the first line of a file; rotation writes one per file) is not an event.
+            if line.starts_with(r#"{"ev":"header""#) {
+                if is_first {
+                    out.header = serde_json::from_str(line).ok();
+                }
+                continue;
+            }
+            match Event::from_json(line) {
+                Ok(e) => out.events.push(e),
+                Err(_) => out.bad += 1,
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -411,17 +450,11 @@ mod tests {
 
     fn header() -> Header {
         Header {
-            ev: "header".into(),
-            format: FORMAT.into(),
-            version: VERSION,
-            hostname: "h".into(),
             kernel: "6.18".into(),
             boot_time: "2026-01-01T00:00:00Z".into(),
             twtrace_version: "0".into(),
             command_line: vec!["twtrace".into(), "record".into()],
-            hz: 250,
-            clock_offset_ns: 0,
-            settings: Default::default(),
+            ..Header::new("h", 250)
         }
     }
 

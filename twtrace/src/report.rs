@@ -340,7 +340,7 @@ mod tests {
     use crate::{
         aggregate::tests::{end, enter},
         event::{Event, Substate, TwKey},
-        record::{FORMAT, Header, VERSION},
+        record::Header,
     };
 
     fn trace(events: Vec<Event>) -> (String, Trace) {
@@ -348,17 +348,8 @@ mod tests {
             "t".into(),
             Trace {
                 header: Header {
-                    ev: "header".into(),
-                    format: FORMAT.into(),
-                    version: VERSION,
-                    hostname: "h".into(),
                     kernel: "k".into(),
-                    boot_time: String::new(),
-                    twtrace_version: String::new(),
-                    command_line: vec![],
-                    hz: 250,
-                    clock_offset_ns: 0,
-                    settings: Default::default(),
+                    ..Header::new("h", 250)
                 },
                 frames: vec![events],
                 warnings: vec![],

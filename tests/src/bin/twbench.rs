@@ -400,22 +400,10 @@ fn report_time(o: &Opts) -> anyhow::Result<Value> {
             CloseKind, EndReason, Endpoints, Event, Family, Process, Role, Substate, TwEnd,
             TwEnter, TwKey, TwResched,
         },
-        record::{FORMAT, Header, Recorder, Rotation, VERSION},
+        record::{Header, Recorder, Rotation},
     };
     let file = o.out.join("bench-report.twt");
-    let header = Header {
-        ev: "header".into(),
-        format: FORMAT.into(),
-        version: VERSION,
-        hostname: "bench".into(),
-        kernel: String::new(),
-        boot_time: String::new(),
-        twtrace_version: String::new(),
-        command_line: vec![],
-        hz: 250,
-        clock_offset_ns: 0,
-        settings: Default::default(),
-    };
+    let header = Header::new("bench", 250);
     let mut rec = Recorder::create(
         &file,
         header,

@@ -10,7 +10,7 @@ use twtrace::{
     event::Event,
     kernel::{netns, settings},
     output::{TimeBase, json},
-    record::{FORMAT, Header, Recorder, Rotation, VERSION},
+    record::{Header, Recorder, Rotation},
     source::LiveSource,
 };
 
@@ -25,17 +25,13 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
     let mut source = LiveSource::start(&filters, verbose, ring, !args.no_existing)?;
     let hz = hz();
     let header = Header {
-        ev: "header".into(),
-        format: FORMAT.into(),
-        version: VERSION,
-        hostname: super::read_proc("/proc/sys/kernel/hostname"),
         kernel: super::read_proc("/proc/sys/kernel/osrelease"),
         boot_time: boot_time(),
         twtrace_version: env!("CARGO_PKG_VERSION").into(),
         command_line: std::env::args().collect(),
-        hz,
         clock_offset_ns: TimeBase::now().offset_ns(),
         settings: start_settings(filters.netns),
+        ..Header::new(super::read_proc("/proc/sys/kernel/hostname"), hz)
     };
     let mut rec = Recorder::create(
         &args.output,
