@@ -230,9 +230,10 @@ pub struct NoTw {
     pub _pad: u32,
 }
 
-/// The kernel programs read the start of a `sock_common` in one go; every `skc_*` field they
-/// use must lie in these first bytes (checked at load time).
-pub const SKC_BLOCK: usize = 128;
+/// The kernel programs read the start of a socket in one go; every `skc_*` field they use must
+/// lie in these first bytes (checked at load time). It reaches past `sock_common` (136 bytes on
+/// 6.18) to a TIME_WAIT's `tw_substate`, read from the same block when it fits.
+pub const SKC_BLOCK: usize = 144;
 
 /// `PortFail::op`.
 pub mod port_op {
@@ -319,6 +320,8 @@ pub struct Offsets {
     pub inet_sport: u32,
     /// `sock.sk_protocol`.
     pub sk_protocol: u32,
+    /// `sock.sk_max_ack_backlog`: an accept()ed socket keeps its listener's.
+    pub sk_max_ack_backlog: u32,
     /// `net.ns.inum`.
     pub net_inum: u32,
     /// `net.ns` reference count (`__ns_ref` or `count`): 0 while the netns is being destroyed.

@@ -3,8 +3,8 @@
 //!
 //! Two sources are joined by the socket cookie, which a TIME_WAIT socket copies from the socket
 //! it replaces:
-//! - `inet_sock_set_state` sees the connection: its role (SYN_SENT = client, SYN_RECV = server)
-//!   and who closed first (ESTABLISHED->FIN_WAIT1 runs in the closer's close()/shutdown()).
+//! - `inet_sock_set_state` sees who closed first (ESTABLISHED->FIN_WAIT1 runs in the closer's
+//!   close()/shutdown()) and, from the socket itself, whether it was accept()ed (see `role_of`).
 //! - the timer tracepoints see the TIME_WAIT socket itself, through `tw->tw_timer`: start =
 //!   entered (or pushed back), expire_entry = expired, cancel without either = killed early.
 //!
@@ -58,7 +58,8 @@ const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
-/// Connections this host may close first, by socket cookie. Entries go at CLOSE.
+/// Connections this host closed first (or reset), by socket cookie, from the close to the
+/// TIME_WAIT or the CLOSE that settles them.
 #[map]
 static CONNS: LruHashMap<u64, ConnInfo> =
     LruHashMap::with_max_entries(262_144, BPF_F_NO_COMMON_LRU);
@@ -99,7 +100,6 @@ static BINDS: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(4096, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 const CLOSER_SET: u8 = 1;
-const TW_ENTERED: u8 = 2;
 const RST_SENT: u8 = 4;
 const RST_RECEIVED: u8 = 8;
 /// Went to CLOSE without a TIME_WAIT; a RST sent right after makes it an abort.
@@ -275,6 +275,30 @@ fn read_conn(skc: u64, sport_be_off: u32, slot: Slot) -> Option<Conn> {
         c.netns = read(net + conf!(off.net_inum) as u64).unwrap_or(0);
     }
     Some(c)
+}
+
+/// A field of the block [`read_conn`] last read into `slot`: a TIME_WAIT's cookie and substate
+/// come with its addresses, in the same read.
+#[inline(always)]
+fn block_field<T: Copy>(slot: Slot, off: u32) -> Option<T> {
+    let b = unsafe { &*SCRATCH.get_ptr(slot as u32)? };
+    let o = off as usize;
+    if o + core::mem::size_of::<T>() <= SKC_BLOCK {
+        Some(unsafe { core::ptr::read_unaligned(b.as_ptr().add(o) as *const T) })
+    } else {
+        None
+    }
+}
+
+/// The cookie and substate of the TIME_WAIT `read_conn` just read into `slot`.
+#[inline(always)]
+fn tw_identity(tw: u64, slot: Slot) -> (u64, u8) {
+    let cookie = block_field(slot, conf!(off.skc_cookie)).unwrap_or(0);
+    let substate = match block_field(slot, conf!(off.tw_substate)) {
+        Some(s) => s,
+        None => read(tw + conf!(off.tw_substate) as u64).unwrap_or(0),
+    };
+    (cookie, substate)
 }
 
 #[inline(always)]
@@ -493,6 +517,19 @@ fn new_conn_info(role: u8) -> ConnInfo {
     }
 }
 
+/// Whether this host is the connection's server. An accept()ed socket is a clone of its
+/// listener and keeps its accept backlog size; a socket that connect()ed never listened. Read
+/// when the connection closes, so opening a connection costs no map update (and connections
+/// opened before twtrace started have a role too). A listener with a backlog of 0 makes clients.
+#[inline(always)]
+fn role_of(skc: u64) -> u8 {
+    if load::<u32>(skc + conf!(off.sk_max_ack_backlog) as u64) != 0 {
+        role::SERVER
+    } else {
+        role::CLIENT
+    }
+}
+
 #[inline(always)]
 fn remember(cookie: u64, info: &ConnInfo) {
     if CONNS.insert(cookie, info, 0).is_err() {
@@ -518,7 +555,6 @@ pub fn set_state(ctx: BtfTracePointContext) -> i32 {
     if new == CLOSE
         || new == FIN_WAIT1
         || (old, new) == (CLOSE, SYN_SENT)
-        || (old, new) == (LISTEN, SYN_RECV)
         || (old, new) == (FIN_WAIT1, CLOSING)
     {
         on_set_state(sk, old, new);
@@ -536,20 +572,24 @@ fn on_set_state(sk: *mut c_void, old: u8, new: u8) {
     if load::<u16>(skc + conf!(off.sk_protocol) as u64) != 6 {
         return;
     }
+    if (old, new) == (LAST_ACK, CLOSE) {
+        // The passive side: it never closed first, so nothing of it was remembered.
+        count_passive_close(skc);
+        return;
+    }
+    if (old, new) == (CLOSE, SYN_SENT) {
+        if let Some(p) = PERCPU.get_ptr_mut(0) {
+            unsafe {
+                (*p).connect_sk = skc;
+                (*p).connect_task = bpf_get_current_pid_tgid();
+                (*p).connect_ts = now_ns();
+            }
+        }
+        return;
+    }
     // The helper assigns a cookie if the socket has none; the TIME_WAIT socket copies it.
     let cookie = unsafe { bpf_get_socket_cookie(sk) };
     match (old, new) {
-        (CLOSE, SYN_SENT) => {
-            remember(cookie, &new_conn_info(role::CLIENT));
-            if let Some(p) = PERCPU.get_ptr_mut(0) {
-                unsafe {
-                    (*p).connect_sk = skc;
-                    (*p).connect_task = bpf_get_current_pid_tgid();
-                    (*p).connect_ts = now_ns();
-                }
-            }
-        }
-        (LISTEN, SYN_RECV) => remember(cookie, &new_conn_info(role::SERVER)),
         (FIN_WAIT1, CLOSING) => {
             if let Some(info) = CONNS.get_ptr_mut(cookie) {
                 unsafe { (*info).close = close_kind::SIMULTANEOUS };
@@ -563,21 +603,21 @@ fn on_set_state(sk: *mut c_void, old: u8, new: u8) {
                 remember(cookie, &info);
                 return;
             }
-            let closer = current_task();
-            match CONNS.get_ptr_mut(cookie) {
-                Some(info) => unsafe {
-                    if (*info).flags & CLOSER_SET == 0 {
-                        (*info).closer = closer;
-                        (*info).close = close_kind::ACTIVE;
-                        (*info).flags |= CLOSER_SET;
-                    }
-                },
-                None => {
-                    let mut info = new_conn_info(role::UNKNOWN);
-                    info.closer = closer;
-                    info.close = close_kind::ACTIVE;
-                    info.flags = CLOSER_SET;
-                    remember(cookie, &info);
+            let mut info = new_conn_info(role_of(skc));
+            info.closer = current_task();
+            info.close = close_kind::ACTIVE;
+            info.flags = CLOSER_SET;
+            // Usually new; one lookup only when a RST was seen first.
+            if CONNS.insert(cookie, info, BPF_NOEXIST).is_err() {
+                match CONNS.get_ptr_mut(cookie) {
+                    Some(old) => unsafe {
+                        if (*old).flags & CLOSER_SET == 0 {
+                            (*old).closer = info.closer;
+                            (*old).close = close_kind::ACTIVE;
+                            (*old).flags |= CLOSER_SET;
+                        }
+                    },
+                    None => count(counter::CONN_MAP_FAIL),
                 }
             }
         }
@@ -594,17 +634,17 @@ fn on_set_state(sk: *mut c_void, old: u8, new: u8) {
     }
 }
 
+/// `BPF_MAP_UPDATE_ELEM` flag: only if the key is new.
+const BPF_NOEXIST: u64 = 1;
+
 #[inline(always)]
 fn on_close(skc: u64, cookie: u64, old: u8) {
     use tcp_state::*;
-    if old == LAST_ACK {
-        count_passive_close(skc);
-    }
     let Some(info) = CONNS.get_ptr_mut(cookie) else {
         // Untracked connection reset by close() (SO_LINGER 0, unread data): the RST follows
         // this state change, so remember the closer for tcp_send_reset.
         if matches!(old, ESTABLISHED | SYN_RECV | FIN_WAIT1) && !is_self() {
-            let mut info = new_conn_info(role::UNKNOWN);
+            let mut info = new_conn_info(role_of(skc));
             info.closer = current_task();
             info.close = close_kind::ACTIVE;
             info.flags = CLOSER_SET | CLOSED;
@@ -621,9 +661,7 @@ fn on_close(skc: u64, cookie: u64, old: u8) {
         }
         let _ = CONNS.remove(cookie);
     };
-    if i.flags & TW_ENTERED != 0 {
-        let _ = CONNS.remove(cookie);
-    } else if i.flags & RST_SENT != 0
+    if i.flags & RST_SENT != 0
         && matches!(
             old,
             ESTABLISHED | SYN_RECV | FIN_WAIT1 | FIN_WAIT2 | CLOSING
@@ -709,7 +747,11 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
         }
         return 0;
     }
-    if state == tcp_state::NEW_SYN_RECV || state == tcp_state::LISTEN {
+    // LAST_ACK: the passive side, whose CLOSE reports nothing.
+    if state == tcp_state::NEW_SYN_RECV
+        || state == tcp_state::LISTEN
+        || state == tcp_state::LAST_ACK
+    {
         return 0;
     }
     let cookie = unsafe { bpf_get_socket_cookie(sk) };
@@ -731,7 +773,7 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
             if is_self() {
                 return 0;
             }
-            let mut info = new_conn_info(role::UNKNOWN);
+            let mut info = new_conn_info(role_of(skc));
             info.closer = current_task();
             info.close = close_kind::ACTIVE;
             info.flags = RST_SENT | CLOSER_SET;
@@ -812,7 +854,8 @@ fn tw_of(timer: u64) -> u64 {
 
 #[inline(always)]
 fn timer_left(timer: u64) -> u32 {
-    let expires: u64 = read(timer + conf!(off.timer_expires) as u64).unwrap_or(0);
+    // `timer` is the tracepoint's `struct timer_list *`: a plain load, like its callback.
+    let expires: u64 = load(timer + conf!(off.timer_expires) as u64);
     let now = unsafe { bpf_jiffies64() };
     expires.saturating_sub(now) as u32
 }
@@ -820,49 +863,45 @@ fn timer_left(timer: u64) -> u32 {
 #[inline(always)]
 fn on_tw_start<C: EbpfContext>(ctx: &C, timer: u64) {
     let tw = tw_of(timer);
-    let cookie: u64 = read(tw + conf!(off.skc_cookie) as u64).unwrap_or(0);
-    let substate: u8 = read(tw + conf!(off.tw_substate) as u64).unwrap_or(0);
+    let Some(conn) = read_conn(tw, 0, Slot::TimerStart) else {
+        return;
+    };
+    let (cookie, substate) = tw_identity(tw, Slot::TimerStart);
     let Some(p) = PERCPU.get_ptr_mut(0) else {
         return;
     };
     let stash = unsafe { &mut *p };
     if stash.timer == timer && stash.cookie == cookie {
-        // cancel + start of the same timer: pushed back (mod_timer_pending).
+        // cancel + start of the same timer: pushed back (mod_timer_pending). The cancel
+        // parked it only if it passed the filters.
         stash.timer = 0;
-        let Some(conn) = read_conn(tw, 0, Slot::TimerStart) else {
-            return;
-        };
-        if conn_passes(&conn) {
-            submit_update(
-                EventKind::TwResched,
-                stash.ts,
-                cookie,
-                tw,
-                &stash.by,
-                substate,
-                0,
-                timer_left(timer),
-            );
-        }
+        submit_update(
+            EventKind::TwResched,
+            stash.ts,
+            cookie,
+            tw,
+            &stash.by,
+            substate,
+            0,
+            timer_left(timer),
+        );
         return;
     }
     flush_stash(stash);
-    let Some(conn) = read_conn(tw, 0, Slot::TimerStart) else {
-        return;
-    };
     if !conn_passes(&conn) {
         return;
     }
-    let (info, flags) = match CONNS.get_ptr_mut(cookie) {
-        Some(info) if cookie != 0 => unsafe {
-            (*info).flags |= TW_ENTERED;
-            let attributed = if (*info).flags & CLOSER_SET != 0 {
+    let (info, flags) = match (unsafe { CONNS.get(cookie) }).copied() {
+        Some(info) if cookie != 0 => {
+            // Its job is done: the closing socket's CLOSE, next, has nothing left to report.
+            let _ = CONNS.remove(cookie);
+            let attributed = if info.flags & CLOSER_SET != 0 {
                 OPEN_ATTRIBUTED
             } else {
                 0
             };
-            (*info, attributed)
-        },
+            (info, attributed)
+        }
         _ => (new_conn_info(role::UNKNOWN), 0),
     };
     if info.flags & IGNORED != 0 || !task_passes(&info.closer) {
@@ -918,12 +957,12 @@ fn on_tw_cancel(timer: u64) {
     if !conn_passes(&conn) {
         return;
     }
-    let cookie: u64 = read(tw + conf!(off.skc_cookie) as u64).unwrap_or(0);
-    let substate: u8 = read(tw + conf!(off.tw_substate) as u64).unwrap_or(0);
+    let (cookie, substate) = tw_identity(tw, Slot::TimerCancel);
     let ts = now_ns();
-    let by = current_task();
+    // Only a reuse names who ended it; in softirq the current task is whoever was interrupted.
+    let by = Task::default();
     // Causes that are plain now.
-    if netns_dying(tw) {
+    if netns_dying(Slot::TimerCancel) {
         submit_update(
             EventKind::TwEnd,
             ts,
@@ -957,10 +996,10 @@ fn on_tw_cancel(timer: u64) {
     stash.tw = tw;
     stash.cookie = cookie;
     stash.ts = ts;
-    stash.by = by;
     stash.conn = conn;
     stash.substate = substate;
     stash.reuse = reused_by_current_connect(stash, &conn, ts) as u8;
+    stash.by = if stash.reuse != 0 { current_task() } else { by };
 }
 
 #[inline(always)]
@@ -979,8 +1018,7 @@ fn on_tw_expire<C: EbpfContext>(ctx: &C, timer: u64) {
         if !conn_passes(&conn) {
             return;
         }
-        let cookie: u64 = read(tw + conf!(off.skc_cookie) as u64).unwrap_or(0);
-        let substate: u8 = read(tw + conf!(off.tw_substate) as u64).unwrap_or(0);
+        let (cookie, substate) = tw_identity(tw, Slot::TimerExpire);
         submit_update(
             EventKind::TwEnd,
             now_ns(),
@@ -1087,12 +1125,13 @@ fn flush_stale_stash() {
     }
 }
 
+/// Whether the netns of the socket `read_conn` just read into `slot` is being torn down.
 #[inline(always)]
-fn netns_dying(skc: u64) -> bool {
-    let Some(net) = read::<u64>(skc + conf!(off.skc_net) as u64) else {
-        return false;
-    };
-    read::<i32>(net + conf!(off.net_ns_refcount) as u64) == Some(0)
+fn netns_dying(slot: Slot) -> bool {
+    match block_field::<u64>(slot, conf!(off.skc_net)) {
+        Some(net) if net != 0 => read::<i32>(net + conf!(off.net_ns_refcount) as u64) == Some(0),
+        _ => false,
+    }
 }
 
 /// Whether this CPU's task is inside a connect() to the same peer as the TIME_WAIT `tw`.
@@ -1145,6 +1184,50 @@ fn submit_update(
         (*r).timeout_jiffies = timeout_jiffies;
     }
     e.submit(wakeup_flags());
+}
+
+// --- the hooks alone ------------------------------------------------------------------------
+// Never attached by twtrace: the bench attaches these in place of the programs above, on the
+// same tracepoints, to measure what the hooks cost before any program does work.
+
+#[tracepoint(category = "syscalls", name = "sys_enter_bind")]
+pub fn empty_sys_enter_bind(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_bind")]
+pub fn empty_sys_exit_bind(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn empty_set_state(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn empty_tcp_send_reset(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn empty_tcp_receive_reset(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "timer_start")]
+pub fn empty_timer_start(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "timer_cancel")]
+pub fn empty_timer_cancel(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn empty_timer_expire_entry(_ctx: BtfTracePointContext) -> i32 {
+    0
 }
 
 #[cfg(not(test))]

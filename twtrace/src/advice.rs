@@ -33,8 +33,8 @@ pub struct Evidence<'a> {
     pub settings: &'a HashMap<u32, NetnsSettings>,
     pub pressure: &'a [Pressure],
     pub failures: &'a Failures,
-    pub aborts_by_comm: &'a HashMap<std::sync::Arc<str>, u64>,
-    pub server_tw_by_comm: &'a HashMap<std::sync::Arc<str>, u64>,
+    pub aborts_by_comm: &'a crate::FastMap<std::sync::Arc<str>, u64>,
+    pub server_tw_by_comm: &'a crate::FastMap<std::sync::Arc<str>, u64>,
 }
 
 impl<'a> Evidence<'a> {
@@ -50,7 +50,7 @@ impl<'a> Evidence<'a> {
     }
 }
 
-fn top(counts: &HashMap<std::sync::Arc<str>, u64>) -> Option<(&str, u64)> {
+fn top(counts: &crate::FastMap<std::sync::Arc<str>, u64>) -> Option<(&str, u64)> {
     counts
         .iter()
         .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
@@ -309,8 +309,8 @@ mod tests {
         settings: HashMap<u32, NetnsSettings>,
         pressure: Vec<Pressure>,
         failures: Failures,
-        aborts: HashMap<std::sync::Arc<str>, u64>,
-        server: HashMap<std::sync::Arc<str>, u64>,
+        aborts: crate::FastMap<std::sync::Arc<str>, u64>,
+        server: crate::FastMap<std::sync::Arc<str>, u64>,
     }
 
     impl World {
@@ -320,8 +320,8 @@ mod tests {
                 settings: HashMap::from([(1, s)]),
                 pressure: vec![],
                 failures: Failures::default(),
-                aborts: HashMap::new(),
-                server: HashMap::new(),
+                aborts: Default::default(),
+                server: Default::default(),
             }
         }
 

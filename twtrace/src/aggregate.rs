@@ -296,8 +296,8 @@ pub struct Aggregator<C: Clock> {
     live: HashMap<u32, Vec<(Dest, u32)>>,
     failures: Failures,
     /// Aborts and server-side TIME_WAITs per command, for advice.
-    aborts_by_comm: HashMap<std::sync::Arc<str>, u64>,
-    server_tw_by_comm: HashMap<std::sync::Arc<str>, u64>,
+    aborts_by_comm: FastMap<std::sync::Arc<str>, u64>,
+    server_tw_by_comm: FastMap<std::sync::Arc<str>, u64>,
     stats: Stats,
     /// Latest kernel TIME_WAIT counters per namespace.
     kernel_counters: HashMap<u32, std::collections::BTreeMap<String, u64>>,
@@ -324,8 +324,8 @@ impl<C: Clock> Aggregator<C> {
             by_remote: FastMap::default(),
             live: HashMap::new(),
             failures: Failures::default(),
-            aborts_by_comm: HashMap::new(),
-            server_tw_by_comm: HashMap::new(),
+            aborts_by_comm: FastMap::default(),
+            server_tw_by_comm: FastMap::default(),
             stats: Stats::default(),
             kernel_counters: HashMap::new(),
             passive_closes: HashMap::new(),
@@ -370,11 +370,11 @@ impl<C: Clock> Aggregator<C> {
         &self.failures
     }
 
-    pub fn aborts_by_comm(&self) -> &HashMap<std::sync::Arc<str>, u64> {
+    pub fn aborts_by_comm(&self) -> &FastMap<std::sync::Arc<str>, u64> {
         &self.aborts_by_comm
     }
 
-    pub fn server_tw_by_comm(&self) -> &HashMap<std::sync::Arc<str>, u64> {
+    pub fn server_tw_by_comm(&self) -> &FastMap<std::sync::Arc<str>, u64> {
         &self.server_tw_by_comm
     }
 
@@ -433,7 +433,14 @@ impl<C: Clock> Aggregator<C> {
         out
     }
 
+    /// Counts a TIME_WAIT towards its destination (for port pressure and connect failures).
+    /// A server's TIME_WAIT holds its listening port, not an ephemeral one, and its "remote
+    /// port" is the client's ephemeral port: counting it would only make a destination per
+    /// connection.
     fn track(&mut self, tw: &AliveTw, ts_ns: u64, entered: bool) {
+        if tw.role == Role::Server {
+            return;
+        }
         let remote = (tw.conn.netns, tw.conn.raddr, tw.conn.rport);
         if entered {
             *self.by_remote.entry(remote).or_default() += 1;
@@ -929,6 +936,33 @@ pub(crate) mod tests {
         let r = only_tw(&out);
         assert_eq!(r.tw.key, TwKey::Cookie(3));
         assert_eq!(r.end, EndReason::Expired);
+    }
+
+    #[test]
+    fn only_client_time_waits_count_towards_a_destination() {
+        let (mut a, _) = agg();
+        let mut out = vec![];
+        let with = |c: u64, role: Role, rport: u16| {
+            let Event::TwEnter(mut e) = enter(TwKey::Cookie(c), S, Substate::TimeWait) else {
+                unreachable!()
+            };
+            e.role = role;
+            e.conn.rport = rport;
+            Event::TwEnter(e)
+        };
+        // A server's TIME_WAITs, each towards another client port.
+        for c in 1..=50u64 {
+            a.ingest(with(c, Role::Server, 30_000 + c as u16), &mut out);
+        }
+        a.ingest(with(100, Role::Client, 8080), &mut out);
+        a.ingest(with(101, Role::Unknown, 8080), &mut out);
+        assert_eq!(a.by_remote.len(), 1);
+        assert_eq!(a.rates.len(), 1);
+        for c in [1, 100, 101] {
+            a.ingest(end(TwKey::Cookie(c), 2 * S, EndReason::Expired), &mut out);
+        }
+        assert!(a.by_remote.is_empty());
+        assert_eq!(a.alive_count(), 49);
     }
 
     #[test]

@@ -29,7 +29,10 @@ pub const FORMAT: &str = "twtrace-trace";
 pub const VERSION: u32 = 1;
 /// zstd's frame magic number, little-endian.
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
-const LEVEL: i32 = 6;
+/// The recorder compresses on the host it observes, at that host's churn rate. On recorded
+/// churn, level 1 made frames 4 % bigger than level 6 (13.1 against 12.6 bytes per event) and
+/// ran 6.5 times faster (1.65 GB/s against 0.25 GB/s of JSON lines).
+const LEVEL: i32 = 1;
 
 /// First line of every trace file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -53,6 +53,7 @@ impl LiveSource {
             ring_bytes: Some(ring_bytes),
         };
         let (tracer, ring) = Tracer::start(&opts)?;
+        run_as_batch();
         // SAFETY: the RingBuf owns its map's fd, open and unchanged until it is dropped.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(io::Error::from)?;
@@ -202,6 +203,24 @@ async fn poll_port_state(only: Option<u32>, tx: tokio::sync::mpsc::Sender<Vec<Ev
                 }
             }
             Err(e) => log::warn!("reading namespace settings failed: {e}"),
+        }
+    }
+}
+
+/// The reader works in bursts, a batch per wake-up. Under the normal policy each wake-up
+/// preempts whatever runs on that CPU, often the very connections being traced, and on a busy
+/// host that costs them far more than the reader's CPU time. SCHED_BATCH never preempts on
+/// wake-up (it waits for the running task's slice) yet keeps its fair share of CPU, so the
+/// reader still keeps up. Threads started later inherit it.
+fn run_as_batch() {
+    let param = libc::sched_param { sched_priority: 0 };
+    let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten();
+    for tid in tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        if unsafe { libc::sched_setscheduler(tid, libc::SCHED_BATCH, &param) } != 0 {
+            log::debug!(
+                "SCHED_BATCH for thread {tid}: {}",
+                io::Error::last_os_error()
+            );
         }
     }
 }

@@ -247,7 +247,9 @@ fn main() -> anyhow::Result<()> {
         }
         // Connections opened and closed for `secs` seconds (at most `max`), as fast as possible or
         // at `rate` per second; `mode` says who closes first: alt(ernate), client, server;
-        // `threads` clients in parallel.
+        // `threads` clients in parallel; `ports` listening ports from the server's, taken in
+        // turn (a client's TIME_WAITs pin ports per destination, so more destinations let
+        // client-first churn run faster than the local ports can recycle).
         "churn" => {
             let secs: f64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3.0);
             let max: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(200_000);
@@ -263,8 +265,13 @@ fn main() -> anyhow::Result<()> {
                 .and_then(|a| a.parse().ok())
                 .unwrap_or(1)
                 .clamp(1, 64);
+            let ports: u16 = args
+                .get(7)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(1)
+                .clamp(1, 64);
             let dur = Duration::from_secs_f64(secs.min(600.0));
-            let (n, failed) = churn(server, dur, max, rate, mode, threads)?;
+            let (n, failed) = churn(server, ports, dur, max, rate, mode, threads)?;
             report(serde_json::json!({ "connections": n, "failed": failed, "seconds": secs }));
         }
         // Long-lived streams on loopback for `secs` seconds: `streams` connections writing
@@ -303,6 +310,7 @@ impl Closer {
 
 fn churn(
     server: &str,
+    ports: u16,
     dur: Duration,
     max: u64,
     rate: f64,
@@ -313,29 +321,36 @@ fn churn(
         Arc,
         atomic::{AtomicU64, Ordering},
     };
-    let l = listener(server)?;
-    let to: SocketAddr = l.local_addr()?;
-    // Acceptors until the process exits. The server side of a client-first connection waits
-    // for the client's FIN; of a server-first one, closes at once. Which is which: a byte the
-    // client sends, 1 = client first.
-    for _ in 0..threads {
-        let l = l.try_clone()?;
-        thread::spawn(move || {
-            while let Ok((mut s, _)) = l.accept() {
-                let mut b = [0u8; 1];
-                if s.read(&mut b).is_ok_and(|n| n == 1) && b[0] == 1 {
-                    let _ = s.read(&mut b); // EOF: the client closed
+    let first: SocketAddr = server.parse()?;
+    let mut dests = Vec::new();
+    for i in 0..ports {
+        let mut addr = first;
+        addr.set_port(first.port() + i);
+        let l = listener(&addr.to_string())?;
+        dests.push(l.local_addr()?);
+        // Acceptors until the process exits. The server side of a client-first connection
+        // waits for the client's FIN; of a server-first one, closes at once. Which is which: a
+        // byte the client sends, 1 = client first.
+        for _ in 0..threads {
+            let l = l.try_clone()?;
+            thread::spawn(move || {
+                while let Ok((mut s, _)) = l.accept() {
+                    let mut b = [0u8; 1];
+                    if s.read(&mut b).is_ok_and(|n| n == 1) && b[0] == 1 {
+                        let _ = s.read(&mut b); // EOF: the client closed
+                    }
                 }
-            }
-        });
+            });
+        }
     }
+    let dests = Arc::new(dests);
     let stop = Instant::now() + dur;
     let start = Instant::now();
     let made = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..threads)
         .map(|_| {
-            let (made, failed) = (made.clone(), failed.clone());
+            let (made, failed, dests) = (made.clone(), failed.clone(), dests.clone());
             thread::spawn(move || {
                 loop {
                     let k = made.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
@@ -349,7 +364,7 @@ fn churn(
                             thread::sleep(wait);
                         }
                     }
-                    match TcpStream::connect(to) {
+                    match TcpStream::connect(dests[k as usize % dests.len()]) {
                         Ok(mut c) => {
                             let n = made.fetch_add(1, Ordering::Relaxed);
                             let client_first = mode.client_first(n);

@@ -36,8 +36,10 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
         json: args.json,
         tb: TimeBase::now(),
         cgroups: CgroupNames::default(),
-        out: BufWriter::new(io::stdout().lock()),
+        // Large writes: a line per TIME_WAIT at the host's churn rate.
+        out: BufWriter::with_capacity(1 << 16, io::stdout().lock()),
         records: Vec::new(),
+        line: String::new(),
         advised: std::collections::HashSet::new(),
     };
     if !args.json {
@@ -96,6 +98,8 @@ struct Printer<W: io::Write> {
     cgroups: CgroupNames,
     out: W,
     records: Vec<Record>,
+    /// Reused for every line.
+    line: String,
     /// Advice already printed, by (rule, subject): each is printed once, when it first holds.
     advised: std::collections::HashSet<(&'static str, String)>,
 }
@@ -115,18 +119,29 @@ impl<W: io::Write> Printer<W> {
         if self.records.is_empty() {
             return Ok(false);
         }
-        let mut lines = Vec::with_capacity(self.records.len());
-        for r in self.records.drain(..) {
-            lines.push(if self.json {
-                json::line(&r, &self.tb, &mut self.cgroups)
-            } else {
-                lines::line(&r, &self.tb)
-            });
+        let mut write = || -> io::Result<()> {
+            for r in self.records.drain(..) {
+                self.line.clear();
+                if self.json {
+                    self.line
+                        .push_str(&json::line(&r, &self.tb, &mut self.cgroups));
+                } else {
+                    lines::write_line(&mut self.line, &r, &self.tb);
+                }
+                self.line.push('\n');
+                self.out.write_all(self.line.as_bytes())?;
+            }
+            self.out.flush()
+        };
+        if let Some(done) = broken_pipe(write())? {
+            return Ok(done);
         }
-        if failed {
-            lines.extend(self.new_advice(agg, &agg.pressure()));
-        }
-        self.write(&lines)
+        let advice = if failed {
+            self.new_advice(agg, &agg.pressure())
+        } else {
+            Vec::new()
+        };
+        self.write(&advice)
     }
 
     /// Destinations at or above `pct`% port pressure, and any advice that newly holds.
@@ -178,11 +193,16 @@ impl<W: io::Write> Printer<W> {
             }
             self.out.flush()
         };
-        match write() {
-            Ok(()) => Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(true),
-            Err(e) => Err(e).context("writing output"),
-        }
+        Ok(broken_pipe(write())?.unwrap_or(false))
+    }
+}
+
+/// `Some(true)` when the reader went away, an error for any other failure to write.
+fn broken_pipe(r: io::Result<()>) -> anyhow::Result<Option<bool>> {
+    match r {
+        Ok(()) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(Some(true)),
+        Err(e) => Err(e).context("writing output"),
     }
 }
 

@@ -162,6 +162,7 @@ impl KernelBtf {
             skc_cookie: skc("skc_cookie")?,
             inet_sport: self.offset_of("inet_sock", "inet_sport")?,
             sk_protocol: self.offset_of("sock", "sk_protocol")?,
+            sk_max_ack_backlog: self.offset_of("sock", "sk_max_ack_backlog")?,
             net_inum: self.offset_of("net", "ns.inum")?,
             net_ns_refcount: self.offset_of_any("net", &["ns.__ns_ref", "ns.count"])?,
             net_tw_refcount: self.offset_of("net", "ipv4.tcp_death_row.tw_refcount")?,
@@ -195,6 +196,7 @@ fn check_block(o: &Offsets) -> Result<(), BtfError> {
         ("skc_net", o.skc_net, 8),
         ("skc_v6_daddr", o.skc_v6_daddr, 16),
         ("skc_v6_rcv_saddr", o.skc_v6_rcv_saddr, 16),
+        ("skc_cookie", o.skc_cookie, 8),
     ];
     for (field, offset, size) in fields {
         if offset as usize + size > SKC_BLOCK {

@@ -26,32 +26,40 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 struct Hook {
     program: &'static str,
     tracepoint: &'static str,
+    /// The same hook's program that returns at once (for [`HooksOnly`]).
+    empty: &'static str,
 }
 
 const HOOKS: &[Hook] = &[
     Hook {
         program: "set_state",
         tracepoint: "inet_sock_set_state",
+        empty: "empty_set_state",
     },
     Hook {
         program: "tcp_send_reset",
         tracepoint: "tcp_send_reset",
+        empty: "empty_tcp_send_reset",
     },
     Hook {
         program: "tcp_receive_reset",
         tracepoint: "tcp_receive_reset",
+        empty: "empty_tcp_receive_reset",
     },
     Hook {
         program: "timer_start",
         tracepoint: "timer_start",
+        empty: "empty_timer_start",
     },
     Hook {
         program: "timer_cancel",
         tracepoint: "timer_cancel",
+        empty: "empty_timer_cancel",
     },
     Hook {
         program: "timer_expire_entry",
         tracepoint: "timer_expire_entry",
+        empty: "empty_timer_expire_entry",
     },
 ];
 
@@ -192,10 +200,11 @@ fn bind_record_offsets() -> Result<(u32, u32, u32), tracefs::TracefsError> {
     ))
 }
 
-/// Classic tracepoints for bind(): optional, attached when tracefs described them.
-const BIND_HOOKS: &[(&str, &str)] = &[
-    ("sys_enter_bind", "sys_enter_bind"),
-    ("sys_exit_bind", "sys_exit_bind"),
+/// Classic tracepoints for bind(): optional, attached when tracefs described them. (program,
+/// event, the program that returns at once).
+const BIND_HOOKS: &[(&str, &str, &str)] = &[
+    ("sys_enter_bind", "sys_enter_bind", "empty_sys_enter_bind"),
+    ("sys_exit_bind", "sys_exit_bind", "empty_sys_exit_bind"),
 ];
 
 pub struct Tracer {
@@ -225,34 +234,12 @@ impl Tracer {
         } else {
             None
         };
-        for &Hook {
-            program,
-            tracepoint: tp,
-            ..
-        } in HOOKS
-        {
-            let refused = |e: ProgramError| attach_error(tp, e);
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(program)
-                .ok_or(TracerError::Missing(program))?
-                .try_into()
-                .map_err(refused)?;
-            prog.load(tp, &btf).map_err(refused)?;
-            prog.attach().map_err(refused)?;
+        for hook in HOOKS {
+            attach_btf(&mut ebpf, &btf, hook.program, hook.tracepoint)?;
         }
         if config.off.tp_bind_addr != 0 {
-            for &(program, event) in BIND_HOOKS {
-                let attached = ebpf
-                    .program_mut(program)
-                    .ok_or(TracerError::Missing(program))
-                    .and_then(|p| {
-                        let tp: &mut TracePoint =
-                            p.try_into().map_err(|e| attach_error(event, e))?;
-                        tp.load().map_err(|e| attach_error(event, e))?;
-                        tp.attach("syscalls", event)
-                            .map_err(|e| attach_error(event, e))
-                    });
-                if let Err(e) = attached {
+            for &(program, event, _) in BIND_HOOKS {
+                if let Err(e) = attach_syscall(&mut ebpf, program, event) {
                     log::warn!("bind() failures will not be seen: {e}");
                     break;
                 }
@@ -320,6 +307,66 @@ impl Tracer {
                 .insert(hook.program.to_string(), misses);
         }
         loss
+    }
+}
+
+fn attach_syscall(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    event: &'static str,
+) -> Result<(), TracerError> {
+    let tp: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or(TracerError::Missing(program))?
+        .try_into()
+        .map_err(|e| attach_error(event, e))?;
+    tp.load().map_err(|e| attach_error(event, e))?;
+    tp.attach("syscalls", event)
+        .map_err(|e| attach_error(event, e))?;
+    Ok(())
+}
+
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    program: &'static str,
+    tp: &'static str,
+) -> Result<(), TracerError> {
+    let refused = |e: ProgramError| attach_error(tp, e);
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or(TracerError::Missing(program))?
+        .try_into()
+        .map_err(refused)?;
+    prog.load(tp, btf).map_err(refused)?;
+    prog.attach().map_err(refused)?;
+    Ok(())
+}
+
+/// twtrace's tracepoints with programs that return at once, attached until dropped: what the
+/// hooks alone cost (each run of a tracepoint-to-BPF dispatch), which no program work can
+/// remove. The bench measures it beside twtrace.
+pub struct HooksOnly {
+    _ebpf: Ebpf,
+}
+
+impl HooksOnly {
+    /// `tracepoints`: which of twtrace's tracepoints to hook (all of them when empty).
+    pub fn attach(tracepoints: &[&str]) -> Result<Self, TracerError> {
+        preflight()?;
+        let btf = Btf::from_sys_fs().map_err(|_| TracerError::NoBtf)?;
+        let mut ebpf = EbpfLoader::new().btf(Some(&btf)).load(PROGRAMS)?;
+        let wanted = |tp: &str| tracepoints.is_empty() || tracepoints.contains(&tp);
+        for hook in HOOKS.iter().filter(|h| wanted(h.tracepoint)) {
+            attach_btf(&mut ebpf, &btf, hook.empty, hook.tracepoint)?;
+        }
+        // Like twtrace's own bind() hooks, only where tracefs has them.
+        if tracefs::ensure_mounted().is_ok() {
+            for &(_, event, empty) in BIND_HOOKS.iter().filter(|h| wanted(h.1)) {
+                attach_syscall(&mut ebpf, empty, event)?;
+            }
+        }
+        Ok(Self { _ebpf: ebpf })
     }
 }
 

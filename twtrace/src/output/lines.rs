@@ -1,6 +1,6 @@
 //! Columns for a person reading a terminal, one line per finished TIME_WAIT (like tcplife).
 
-use super::{TimeBase, endpoint};
+use super::{Endpoint, TimeBase, endpoint};
 use crate::{aggregate::Record, event::Role};
 
 pub const HEADER: &str = "TIME         PID     COMM             NETNS       ROLE   LADDR:LPORT                RADDR:RPORT                SUBST  LIFE(s)  END";
@@ -15,78 +15,96 @@ fn role(r: Role) -> &'static str {
 
 /// One line; the TIME column is when the line's event happened (the end, or the close).
 pub fn line(rec: &Record, tb: &TimeBase) -> String {
-    let (ts, conn, closer, r, subst, life, end) = match rec {
+    let mut out = String::new();
+    write_line(&mut out, rec, tb);
+    out
+}
+
+/// Appends [`line`] to `out` (with no newline). `trace` writes one per finished TIME_WAIT at
+/// the host's churn rate, so nothing here allocates once `out` has grown.
+pub fn write_line(out: &mut String, rec: &Record, tb: &TimeBase) {
+    use std::fmt::Write as _;
+    let (ts, conn, closer, r) = match rec {
+        Record::TimeWait(t) => (t.ended_ns, &t.tw.conn, t.tw.closer.as_ref(), t.tw.role),
+        Record::NoTimeWait(n) => (n.ts_ns, &n.conn, n.closer.as_ref(), n.role),
+        Record::PortFailure(r) => {
+            let f = &r.failure;
+            let (what, addr, port) = match f.op {
+                crate::event::PortOp::Connect => {
+                    ("connect() EADDRNOTAVAIL", f.conn.raddr, f.conn.rport)
+                }
+                crate::event::PortOp::Bind => ("bind() EADDRINUSE", f.conn.laddr, f.conn.lport),
+            };
+            let start = out.len();
+            tb.write_clock(out, f.ts_ns);
+            pad_to(out, start + 12);
+            let _ = write!(
+                out,
+                " {:<7} {:<16} {:<11} FAILED {what} {}, {} TIME_WAITs holding",
+                f.process.pid,
+                f.process.comm,
+                f.conn.netns,
+                Endpoint(addr, port),
+                r.time_wait_holding
+            );
+            return;
+        }
+    };
+    let start = out.len();
+    tb.write_clock(out, ts);
+    pad_to(out, start + 12);
+    match closer {
+        Some(p) => {
+            let _ = write!(out, " {:<7} {:<16}", p.pid, p.comm);
+        }
+        None => {
+            let _ = write!(out, " {:<7} {:<16}", "-", "?");
+        }
+    }
+    let _ = write!(out, " {:<11} {:<6} ", conn.netns, role(r));
+    let col = out.len();
+    let _ = write!(out, "{}", Endpoint(conn.laddr, conn.lport));
+    pad_to(out, col + 26);
+    out.push(' ');
+    let col = out.len();
+    let _ = write!(out, "{}", Endpoint(conn.raddr, conn.rport));
+    pad_to(out, col + 26);
+    match rec {
         Record::TimeWait(t) => {
             let subst = match t.tw.substate {
                 crate::event::Substate::TimeWait => "TW",
                 crate::event::Substate::FinWait2 => "FW2",
             };
-            let mut end = t.end.as_str().to_string();
+            let life = t.lifetime_ns() as f64 / 1e9;
+            let _ = write!(out, " {subst:<6} {life:>7.3}  {}", t.end.as_str());
             if let Some(p) = &t.reused_by {
-                end.push_str(&format!(" by {} {}", p.pid, p.comm));
+                let _ = write!(out, " by {} {}", p.pid, p.comm);
             }
             if t.tw.preexisting {
-                end.push_str(" (pre-existing)");
+                out.push_str(" (pre-existing)");
             }
             if t.tw.rescheduled > 0 {
-                end.push_str(&format!(" resched={}", t.tw.rescheduled));
+                let _ = write!(out, " resched={}", t.tw.rescheduled);
             }
-            (
-                t.ended_ns,
-                &t.tw.conn,
-                t.tw.closer.as_ref(),
-                t.tw.role,
-                subst,
-                format!("{:.3}", t.lifetime_ns() as f64 / 1e9),
-                end,
-            )
         }
-        Record::PortFailure(r) => {
-            let f = &r.failure;
-            let (what, at) = match f.op {
-                crate::event::PortOp::Connect => (
-                    "connect() EADDRNOTAVAIL",
-                    endpoint(f.conn.raddr, f.conn.rport),
-                ),
-                crate::event::PortOp::Bind => {
-                    ("bind() EADDRINUSE", endpoint(f.conn.laddr, f.conn.lport))
-                }
-            };
-            return format!(
-                "{:<12} {:<7} {:<16} {:<11} FAILED {what} {at}, {} TIME_WAITs holding",
-                tb.local(f.ts_ns).format("%H:%M:%S%.3f"),
-                f.process.pid,
-                f.process.comm,
-                f.conn.netns,
-                r.time_wait_holding
+        Record::NoTimeWait(n) => {
+            let _ = write!(
+                out,
+                " {:<6} {:>7}  NO TIME_WAIT: {}",
+                "-",
+                "-",
+                n.reason.as_str()
             );
         }
-        Record::NoTimeWait(n) => (
-            n.ts_ns,
-            &n.conn,
-            n.closer.as_ref(),
-            n.role,
-            "-",
-            "-".to_string(),
-            format!("NO TIME_WAIT: {}", n.reason.as_str()),
-        ),
-    };
-    let (pid, comm) = closer
-        .map(|p| (p.pid.to_string(), p.comm.as_ref()))
-        .unwrap_or(("-".into(), "?"));
-    format!(
-        "{:<12} {:<7} {:<16} {:<11} {:<6} {:<26} {:<26} {:<6} {:>7}  {}",
-        tb.local(ts).format("%H:%M:%S%.3f"),
-        pid,
-        comm,
-        conn.netns,
-        role(r),
-        endpoint(conn.laddr, conn.lport),
-        endpoint(conn.raddr, conn.rport),
-        subst,
-        life,
-        end
-    )
+        Record::PortFailure(_) => {}
+    }
+}
+
+/// Pads `out` with spaces up to byte `len` (columns here are ASCII).
+fn pad_to(out: &mut String, len: usize) {
+    while out.len() < len {
+        out.push(' ');
+    }
 }
 
 /// A destination's port pressure.
@@ -119,4 +137,48 @@ pub fn advice_line(a: &crate::advice::Advice, tb: &TimeBase, now_ns: u64) -> Str
         tb.local(now_ns).format("%H:%M:%S%.3f"),
         a.text
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        aggregate::{TimeWaitRecord, tests::alive_tw},
+        event::{EndReason, TwKey},
+    };
+
+    #[test]
+    fn columns_line_up_with_the_header() {
+        let tb = TimeBase::with_offset_ns(1_700_000_000_000_000_000);
+        let mut tw = alive_tw(TwKey::new(7, 0));
+        tw.rescheduled = 1;
+        let rec = Record::TimeWait(TimeWaitRecord {
+            ended_ns: tw.entered_ns + 60_250_000_000,
+            tw,
+            end: EndReason::Expired,
+            reused_by: None,
+        });
+        let l = line(&rec, &tb);
+        let clock = tb.local(61_250_000_000).format("%H:%M:%S%.3f").to_string();
+        assert_eq!(
+            l,
+            format!(
+                "{clock} 10      client           1           client 127.0.0.1:40000            127.0.0.1:8080             TW      60.250  expired resched=1"
+            )
+        );
+        for col in ["PID", "COMM", "NETNS", "ROLE", "LADDR", "RADDR", "SUBST"] {
+            assert_eq!(
+                l.as_bytes()[HEADER.find(col).unwrap() - 1],
+                b' ',
+                "{col} column starts after a space"
+            );
+        }
+        assert_eq!(&l[HEADER.find("RADDR").unwrap()..][..14], "127.0.0.1:8080");
+        // The cached clock moves on with the second and keeps the milliseconds exact.
+        let mut s = String::new();
+        tb.write_clock(&mut s, 61_999_000_000);
+        tb.write_clock(&mut s, 62_001_000_000);
+        let expect = |ns| tb.local(ns).format("%H:%M:%S%.3f").to_string();
+        assert_eq!(s, expect(61_999_000_000) + &expect(62_001_000_000));
+    }
 }

@@ -47,13 +47,44 @@ impl TimeBase {
     pub fn local(&self, mono_ns: u64) -> DateTime<Local> {
         self.utc(mono_ns).with_timezone(&Local)
     }
+
+    /// Appends `HH:MM:SS.mmm`, local time. The timezone conversion costs more than the rest of
+    /// a line, so it is made once per second of stamps (per thread).
+    pub fn write_clock(&self, out: &mut String, mono_ns: u64) {
+        use std::{cell::RefCell, fmt::Write as _};
+        thread_local! {
+            static SECOND: RefCell<(i128, String)> = const { RefCell::new((i128::MIN, String::new())) };
+        }
+        let ns = mono_ns as i128 + self.offset_ns;
+        let (sec, ms) = (
+            ns.div_euclid(1_000_000_000),
+            ns.rem_euclid(1_000_000_000) / 1_000_000,
+        );
+        SECOND.with_borrow_mut(|(cached, hms)| {
+            if *cached != sec {
+                hms.clear();
+                let _ = write!(hms, "{}", self.local(mono_ns).format("%H:%M:%S"));
+                *cached = sec;
+            }
+            let _ = write!(out, "{hms}.{ms:03}");
+        });
+    }
 }
 
 /// `addr:port`, IPv6 in brackets.
 pub fn endpoint(addr: std::net::IpAddr, port: u16) -> String {
-    match addr {
-        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
-        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+    Endpoint(addr, port).to_string()
+}
+
+/// [`endpoint`] without the allocation. Not padded: pad after writing.
+pub struct Endpoint(pub std::net::IpAddr, pub u16);
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            std::net::IpAddr::V4(a) => write!(f, "{a}:{}", self.1),
+            std::net::IpAddr::V6(a) => write!(f, "[{a}]:{}", self.1),
+        }
     }
 }
 
