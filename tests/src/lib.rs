@@ -124,11 +124,12 @@ impl Netns {
         serde_json::from_str(out.lines().last().unwrap_or("{}")).expect("twload JSON")
     }
 
-    /// Starts a `twload` scenario without waiting for it.
+    /// Starts a `twload` scenario without waiting for it (stdin and stdout piped).
     pub fn twload_spawn(&self, args: &[&str]) -> Child {
         Command::new("ip")
             .args(["netns", "exec", &self.name, &twload_bin()])
             .args(args)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn twload")

@@ -86,6 +86,30 @@ fn server_closes_first_then_netns_purge() {
 }
 
 #[test]
+fn connection_opened_before_twtrace_still_has_its_role() {
+    if !can_run() {
+        return;
+    }
+    use std::io::{BufRead as _, Write as _};
+    let mut ns = Netns::new("before");
+    let mut child = ns.twload_spawn(&["server-first-on-input"]);
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let load: Value = serde_json::from_str(&first).expect("twload JSON");
+    // The connection is open; only now does twtrace start, then the server closes first.
+    let t = Trace::start(&ns, &[]);
+    writeln!(child.stdin.take().unwrap()).unwrap();
+    assert!(child.wait().unwrap().success());
+    ns.delete();
+    let r = one_time_wait(&t, port(&load), WAIT);
+    assert_identity(&r, &ns, &load, "server");
+    assert_eq!(r["end"], "purged");
+    t.stop();
+}
+
+#[test]
 fn shutdown_then_close_is_attributed_to_the_shutdown() {
     if !can_run() {
         return;

@@ -79,6 +79,19 @@ fn main() -> anyhow::Result<()> {
             thread::sleep(ms(50));
             report(serde_json::json!({ "client_port": port }));
         }
+        // Like server-first, but the connection stays open until a line (or EOF) on stdin: it
+        // can be opened before twtrace starts and closed after.
+        "server-first-on-input" => {
+            let l = listener(server)?;
+            let (c, s) = pair(&l, server)?;
+            let port = c.local_addr()?.port();
+            report(serde_json::json!({ "client_port": port }));
+            let _ = std::io::stdin().read_line(&mut String::new());
+            drop(s);
+            thread::sleep(ms(50));
+            drop(c);
+            thread::sleep(ms(50));
+        }
         // shutdown(SHUT_WR) is the close that counts; close() comes later.
         "shutdown" => {
             let l = listener(server)?;
