@@ -189,9 +189,30 @@ fn fresh_netns(tag: &str) -> Netns {
     ns
 }
 
-/// One workload run: its throughput (connections/s or bytes/s).
-fn run_workload(workload: &str, o: &Opts) -> anyhow::Result<f64> {
+/// CPU time spent by the whole machine so far (all CPUs, not idle), in microseconds.
+fn busy_us() -> f64 {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .enumerate()
+        // user nice system idle iowait irq softirq steal: all but idle and iowait.
+        .filter(|(i, _)| !matches!(i, 3 | 4) && *i < 8)
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum();
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 * 1e6 / hz
+}
+
+/// One workload run: its throughput (connections/s or bytes/s) and the machine's CPU time per
+/// connection (or per MB), tracer included: a steadier measure of cost than throughput on a
+/// machine whose speed varies from run to run.
+fn run_workload(workload: &str, o: &Opts) -> anyhow::Result<(f64, f64)> {
     let ns = fresh_netns("bench");
+    let busy_before = busy_us();
     let secs = o.seconds.to_string();
     let threads = o.threads.to_string();
     let churn = |closer: &str, ports: &str| {
@@ -214,11 +235,13 @@ fn run_workload(workload: &str, o: &Opts) -> anyhow::Result<f64> {
         "bulk" => ns.twload(&["bulk", "127.0.0.1:8080", &secs, &threads]),
         other => bail!("unknown workload {other}"),
     };
-    let amount = v["connections"]
-        .as_f64()
-        .or(v["bytes"].as_f64())
-        .unwrap_or(0.0);
-    Ok(amount / o.seconds)
+    let busy = busy_us() - busy_before;
+    let (amount, unit) = match (v["connections"].as_f64(), v["bytes"].as_f64()) {
+        (Some(n), _) => (n, n),
+        (None, Some(b)) => (b, b / 1e6),
+        _ => (0.0, 0.0),
+    };
+    Ok((amount / o.seconds, busy / unit.max(1.0)))
 }
 
 fn throughput(o: &Opts, tracers: &[&str]) -> anyhow::Result<Value> {
@@ -230,14 +253,19 @@ fn throughput(o: &Opts, tracers: &[&str]) -> anyhow::Result<Value> {
             .is_none_or(|chosen| chosen.iter().any(|c| c == *w))
     }) {
         let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         for round in 0..o.rounds {
             for i in 0..tracers.len() {
                 let t = tracers[(i + round) % tracers.len()];
                 let guard = start_tracer(t, &o.out)?;
-                let rate = run_workload(workload, o)?;
+                let (rate, cpu_us) = run_workload(workload, o)?;
                 drop(guard);
-                eprintln!("twbench: {workload} round {} {t}: {rate:.0}/s", round + 1);
+                eprintln!(
+                    "twbench: {workload} round {} {t}: {rate:.0}/s, {cpu_us:.1} µs CPU per unit",
+                    round + 1
+                );
                 samples.entry(t).or_default().push(rate);
+                cpu.entry(t).or_default().push(cpu_us);
             }
         }
         let base = median(samples["none"].clone());
@@ -246,7 +274,13 @@ fn throughput(o: &Opts, tracers: &[&str]) -> anyhow::Result<Value> {
             let m = median(s.clone());
             w.insert(
                 t.to_string(),
-                json!({ "median_per_s": m, "ratio": m / base, "samples": s }),
+                json!({
+                    "median_per_s": m,
+                    "ratio": m / base,
+                    "samples": s,
+                    "cpu_us_per_unit": median(cpu[t].clone()),
+                    "cpu_samples": cpu[t],
+                }),
             );
         }
         out.insert(workload.to_string(), Value::Object(w));
@@ -647,8 +681,9 @@ fn markdown(r: &Value) -> String {
     let _ = writeln!(
         o,
         "## Throughput against no tracer\n\nEach round runs every tracer once, back to back; \"per round\" divides a run by the \
-         no-tracer run of its round, which shows how noisy the machine was.\n\n\
-         | workload | tracer | median | ratio | per round |\n|---|---|---|---|---|"
+         no-tracer run of its round, which shows how noisy the machine was. \"CPU\" is the whole machine's busy time per \
+         connection (per MB for bulk), tracer included, median of the rounds, and its difference from no tracer.\n\n\
+         | workload | tracer | median | ratio | per round | CPU |\n|---|---|---|---|---|---|"
     );
     if let Some(t) = r["throughput"].as_object() {
         for (w, tracers) in t {
@@ -660,7 +695,13 @@ fn markdown(r: &Value) -> String {
                     .unwrap_or_default()
             };
             let none = samples("none");
+            let cpu = |name: &str| tracers[name]["cpu_us_per_unit"].as_f64();
             for (name, v) in tracers.as_object().into_iter().flatten() {
+                let cpu_cell = match (cpu(name), cpu("none")) {
+                    (Some(c), _) if name == "none" => format!("{c:.1} µs"),
+                    (Some(c), Some(n)) => format!("{c:.1} µs ({:+.1})", c - n),
+                    _ => "-".to_string(),
+                };
                 let med = v["median_per_s"].as_f64().unwrap_or(0.0);
                 let med = if w == "bulk" { med / 1e6 } else { med };
                 let rounds: Vec<String> = samples(name)
@@ -670,7 +711,7 @@ fn markdown(r: &Value) -> String {
                     .collect();
                 let _ = writeln!(
                     o,
-                    "| {w} | {name} | {med:.0} {unit} | {:.3} | {} |",
+                    "| {w} | {name} | {med:.0} {unit} | {:.3} | {} | {cpu_cell} |",
                     v["ratio"].as_f64().unwrap_or(f64::NAN),
                     rounds.join(" ")
                 );
