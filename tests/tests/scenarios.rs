@@ -581,34 +581,36 @@ fn tmux(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[test]
-fn live_view_in_tmux_matches_ss_and_quits_cleanly() {
-    if !can_run() {
-        return;
+/// A detached 160x45 tmux session running `cmd`, killed when dropped.
+struct Tmux(String);
+
+impl Tmux {
+    fn start(tag: &str, cmd: &str) -> Self {
+        let name = format!("twt-{tag}-{}", std::process::id());
+        tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            &name,
+            "-x",
+            "160",
+            "-y",
+            "45",
+            cmd,
+        ]);
+        Self(name)
     }
-    let ns = Netns::new("live");
-    let session = format!("twt-live-{}", std::process::id());
-    let cmd = format!(
-        "{} --netns {} --interval 0.5; echo EXIT=$?; sleep 60",
-        twtrace_integration::twtrace_bin().display(),
-        ns.name
-    );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "160",
-        "-y",
-        "45",
-        &cmd,
-    ]);
-    let screen = || tmux(&["capture-pane", "-p", "-t", &session]);
-    let wait = |what: &str, pred: &dyn Fn(&str) -> bool| {
+
+    fn keys(&self, keys: &str) {
+        tmux(&["send-keys", "-t", &self.0, keys]);
+    }
+
+    /// The screen once `pred` holds (15 s at most). One capture may catch a redraw half done,
+    /// so this waits for one that shows it all.
+    fn wait(&self, what: &str, pred: &dyn Fn(&str) -> bool) -> String {
         let until = std::time::Instant::now() + Duration::from_secs(15);
         loop {
-            let s = screen();
+            let s = tmux(&["capture-pane", "-p", "-t", &self.0]);
             if pred(&s) {
                 return s;
             }
@@ -618,32 +620,50 @@ fn live_view_in_tmux_matches_ss_and_quits_cleanly() {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-    };
-    wait("the view", &|s| s.contains("TIME_WAIT alive 0"));
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        tmux(&["kill-session", "-t", &self.0]);
+    }
+}
+
+#[test]
+fn live_view_in_tmux_matches_ss_and_quits_cleanly() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("live");
+    let cmd = format!(
+        "{} --netns {} --interval 0.5; echo EXIT=$?; sleep 60",
+        twtrace_integration::twtrace_bin().display(),
+        ns.name
+    );
+    let term = Tmux::start("live", &cmd);
+    term.wait("the view", &|s| s.contains("TIME_WAIT alive 0"));
     ns.twload(&["fill", "127.0.0.1:8080", "12"]);
     let by_ss = twtrace_integration::count_time_waits(&ns, 8080);
     assert_eq!(by_ss, 12);
-    // One capture may catch a redraw half done: wait for one that shows it all.
     let netns = format!("netns {}", ns.inode);
-    wait("the TIME_WAITs", &|s| {
+    term.wait("the TIME_WAITs", &|s| {
         s.contains(&format!("TIME_WAIT alive {by_ss} "))
             && s.contains("twload")
             && s.contains(&netns)
     });
     // The destination table shows where the ports went.
-    tmux(&["send-keys", "-t", &session, "Tab"]);
-    wait("the destination table", &|s| {
+    term.keys("Tab");
+    term.wait("the destination table", &|s| {
         s.contains("127.0.0.1:8080") && s.contains("PRESSURE")
     });
-    tmux(&["send-keys", "-t", &session, "q"]);
-    let s = wait("exit", &|s| s.contains("EXIT="));
+    term.keys("q");
+    let s = term.wait("exit", &|s| s.contains("EXIT="));
     assert!(s.contains("EXIT=0"), "{s}");
     // The alternate screen is gone: the view's text no longer shows.
     assert!(
         !s.contains("TIME_WAIT alive"),
         "terminal not restored:\n{s}"
     );
-    tmux(&["kill-session", "-t", &session]);
 }
 
 #[test]
@@ -657,41 +677,17 @@ fn replay_drives_the_live_view_from_a_recording() {
     ns.twload(&["fill", "127.0.0.1:8080", "7"]);
     std::thread::sleep(Duration::from_millis(300));
     rec.stop();
-    let session = format!("twt-replay-{}", std::process::id());
     let cmd = format!(
         "{} replay {file} --speed 20; echo EXIT=$?; sleep 60",
         twtrace_integration::twtrace_bin().display()
     );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "160",
-        "-y",
-        "45",
-        &cmd,
-    ]);
-    let until = std::time::Instant::now() + Duration::from_secs(15);
-    let mut s = String::new();
-    while std::time::Instant::now() < until {
-        s = tmux(&["capture-pane", "-p", "-t", &session]);
-        // One capture may catch a redraw half done: wait for one that shows it all.
-        if s.contains("REPLAY") && s.contains("TIME_WAIT alive 7 ") && s.contains("twload") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        s.contains("REPLAY") && s.contains("TIME_WAIT alive 7 "),
-        "{s}"
-    );
-    assert!(s.contains("twload"), "{s}");
-    tmux(&["send-keys", "-t", &session, "q"]);
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(tmux(&["capture-pane", "-p", "-t", &session]).contains("EXIT=0"));
-    tmux(&["kill-session", "-t", &session]);
+    let term = Tmux::start("replay", &cmd);
+    term.wait("the replayed TIME_WAITs", &|s| {
+        s.contains("REPLAY") && s.contains("TIME_WAIT alive 7 ") && s.contains("twload")
+    });
+    term.keys("q");
+    let s = term.wait("exit", &|s| s.contains("EXIT="));
+    assert!(s.contains("EXIT=0"), "{s}");
     let _ = std::fs::remove_file(&file);
 }
 

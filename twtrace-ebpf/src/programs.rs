@@ -530,6 +530,16 @@ fn role_of(skc: u64) -> u8 {
     }
 }
 
+/// A connection the current task is closing (or resetting) first; `flags` besides CLOSER_SET.
+#[inline(always)]
+fn closed_by_current(skc: u64, flags: u8) -> ConnInfo {
+    let mut info = new_conn_info(role_of(skc));
+    info.closer = current_task();
+    info.close = close_kind::ACTIVE;
+    info.flags = CLOSER_SET | flags;
+    info
+}
+
 #[inline(always)]
 fn remember(cookie: u64, info: &ConnInfo) {
     if CONNS.insert(cookie, info, 0).is_err() {
@@ -603,10 +613,7 @@ fn on_set_state(sk: *mut c_void, old: u8, new: u8) {
                 remember(cookie, &info);
                 return;
             }
-            let mut info = new_conn_info(role_of(skc));
-            info.closer = current_task();
-            info.close = close_kind::ACTIVE;
-            info.flags = CLOSER_SET;
+            let info = closed_by_current(skc, 0);
             // Usually new; one lookup only when a RST was seen first.
             if CONNS.insert(cookie, info, BPF_NOEXIST).is_err() {
                 match CONNS.get_ptr_mut(cookie) {
@@ -644,10 +651,7 @@ fn on_close(skc: u64, cookie: u64, old: u8) {
         // Untracked connection reset by close() (SO_LINGER 0, unread data): the RST follows
         // this state change, so remember the closer for tcp_send_reset.
         if matches!(old, ESTABLISHED | SYN_RECV | FIN_WAIT1) && !is_self() {
-            let mut info = new_conn_info(role_of(skc));
-            info.closer = current_task();
-            info.close = close_kind::ACTIVE;
-            info.flags = CLOSER_SET | CLOSED;
+            let mut info = closed_by_current(skc, CLOSED);
             info.oldstate = old;
             remember(cookie, &info);
         }
@@ -773,11 +777,7 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
             if is_self() {
                 return 0;
             }
-            let mut info = new_conn_info(role_of(skc));
-            info.closer = current_task();
-            info.close = close_kind::ACTIVE;
-            info.flags = RST_SENT | CLOSER_SET;
-            remember(cookie, &info);
+            remember(cookie, &closed_by_current(skc, RST_SENT));
         }
     }
     0

@@ -213,26 +213,17 @@ fn busy_us() -> f64 {
 fn run_workload(workload: &str, o: &Opts) -> anyhow::Result<(f64, f64)> {
     let ns = fresh_netns("bench");
     let busy_before = busy_us();
-    let secs = o.seconds.to_string();
-    let threads = o.threads.to_string();
-    let churn = |closer: &str, ports: &str| {
-        ns.twload(&[
-            "churn",
-            "127.0.0.1:8080",
-            &secs,
-            "10000000",
-            "0",
-            closer,
-            &threads,
-            ports,
-        ])
-    };
     let v = match workload {
         // Over 8 destination ports: towards one, the client's TIME_WAITs cap churn at the rate
         // its 64,512 local ports become reusable, whatever the CPU can do.
-        "churn-client" => churn("client", "8"),
-        "churn-server" => churn("server", "1"),
-        "bulk" => ns.twload(&["bulk", "127.0.0.1:8080", &secs, &threads]),
+        "churn-client" => churn(&ns, o.seconds, o.threads, "client", 8),
+        "churn-server" => churn(&ns, o.seconds, o.threads, "server", 1),
+        "bulk" => ns.twload(&[
+            "bulk",
+            "127.0.0.1:8080",
+            &o.seconds.to_string(),
+            &o.threads.to_string(),
+        ]),
         other => bail!("unknown workload {other}"),
     };
     let busy = busy_us() - busy_before;
@@ -360,19 +351,24 @@ fn map_memory(pid: u32) -> u64 {
         .sum()
 }
 
-/// Churn as fast as it goes, both sides closing first in turn, for at least 2 s.
-fn max_churn(ns: &Netns, o: &Opts) -> Value {
-    let secs = o.seconds.max(2.0).to_string();
-    let threads = o.threads.to_string();
+/// Connections opened and closed as fast as they go for `secs`, from `threads` clients towards
+/// `ports` listening ports from 8080; `closer`: client, server or alt(ernate).
+fn churn(ns: &Netns, secs: f64, threads: u32, closer: &str, ports: u16) -> Value {
     ns.twload(&[
         "churn",
         "127.0.0.1:8080",
-        &secs,
+        &secs.to_string(),
         "10000000",
         "0",
-        "alt",
-        &threads,
+        closer,
+        &threads.to_string(),
+        &ports.to_string(),
     ])
+}
+
+/// Churn as fast as it goes, both sides closing first in turn, for at least 2 s.
+fn max_churn(ns: &Netns, o: &Opts) -> Value {
+    churn(ns, o.seconds.max(2.0), o.threads, "alt", 1)
 }
 
 /// Resident memory and kernel map memory with many live TIME_WAITs. With tcp_tw_reuse=0 a

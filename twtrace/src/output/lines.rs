@@ -13,15 +13,9 @@ fn role(r: Role) -> &'static str {
     }
 }
 
-/// One line; the TIME column is when the line's event happened (the end, or the close).
-pub fn line(rec: &Record, tb: &TimeBase) -> String {
-    let mut out = String::new();
-    write_line(&mut out, rec, tb);
-    out
-}
-
-/// Appends [`line`] to `out` (with no newline). `trace` writes one per finished TIME_WAIT at
-/// the host's churn rate, so nothing here allocates once `out` has grown.
+/// Appends one line to `out` (with no newline); the TIME column is when the line's event
+/// happened (the end, or the close). `trace` writes one per finished TIME_WAIT at the host's
+/// churn rate, so nothing here allocates once `out` has grown.
 pub fn write_line(out: &mut String, rec: &Record, tb: &TimeBase) {
     use std::fmt::Write as _;
     let (ts, conn, closer, r) = match rec {
@@ -158,7 +152,8 @@ mod tests {
             end: EndReason::Expired,
             reused_by: None,
         });
-        let l = line(&rec, &tb);
+        let mut l = String::new();
+        write_line(&mut l, &rec, &tb);
         let clock = tb.local(61_250_000_000).format("%H:%M:%S%.3f").to_string();
         assert_eq!(
             l,
