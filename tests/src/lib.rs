@@ -385,3 +385,8 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A recording's path under /tmp, unique to this test process.
+pub fn tmp_trace(tag: &str) -> String {
+    format!("/tmp/twtrace-it-{}-{tag}.twt", std::process::id())
+}

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use twtrace_integration::{Netns, Trace, can_run, with_port};
+use twtrace_integration::{Netns, Trace, can_run, tmp_trace, with_port};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -454,10 +454,6 @@ fn twtrace(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn tmp_trace(tag: &str) -> String {
-    format!("/tmp/twtrace-it-{}-{tag}.twt", std::process::id())
-}
-
 #[test]
 fn record_then_report_equals_the_live_aggregate() {
     if !can_run() {
@@ -571,124 +567,6 @@ fn compare_shows_the_effect_of_tcp_tw_reuse() {
     for f in files {
         let _ = std::fs::remove_file(f);
     }
-}
-
-fn tmux(args: &[&str]) -> String {
-    let out = std::process::Command::new("tmux")
-        .args(args)
-        .output()
-        .expect("tmux");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A detached 160x45 tmux session running `cmd`, killed when dropped.
-struct Tmux(String);
-
-impl Tmux {
-    fn start(tag: &str, cmd: &str) -> Self {
-        let name = format!("twt-{tag}-{}", std::process::id());
-        tmux(&[
-            "new-session",
-            "-d",
-            "-s",
-            &name,
-            "-x",
-            "160",
-            "-y",
-            "45",
-            cmd,
-        ]);
-        Self(name)
-    }
-
-    fn keys(&self, keys: &str) {
-        tmux(&["send-keys", "-t", &self.0, keys]);
-    }
-
-    /// The screen once `pred` holds (15 s at most). One capture may catch a redraw half done,
-    /// so this waits for one that shows it all.
-    fn wait(&self, what: &str, pred: &dyn Fn(&str) -> bool) -> String {
-        let until = std::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let s = tmux(&["capture-pane", "-p", "-t", &self.0]);
-            if pred(&s) {
-                return s;
-            }
-            assert!(
-                std::time::Instant::now() < until,
-                "waiting for {what}:\n{s}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        tmux(&["kill-session", "-t", &self.0]);
-    }
-}
-
-#[test]
-fn live_view_in_tmux_matches_ss_and_quits_cleanly() {
-    if !can_run() {
-        return;
-    }
-    let ns = Netns::new("live");
-    let cmd = format!(
-        "{} --netns {} --interval 0.5; echo EXIT=$?; sleep 60",
-        twtrace_integration::twtrace_bin().display(),
-        ns.name
-    );
-    let term = Tmux::start("live", &cmd);
-    term.wait("the view", &|s| s.contains("TIME_WAIT alive 0"));
-    ns.twload(&["fill", "127.0.0.1:8080", "12"]);
-    let by_ss = twtrace_integration::count_time_waits(&ns, 8080);
-    assert_eq!(by_ss, 12);
-    let netns = format!("netns {}", ns.inode);
-    term.wait("the TIME_WAITs", &|s| {
-        s.contains(&format!("TIME_WAIT alive {by_ss} "))
-            && s.contains("twload")
-            && s.contains(&netns)
-    });
-    // The destination table shows where the ports went.
-    term.keys("Tab");
-    term.wait("the destination table", &|s| {
-        s.contains("127.0.0.1:8080") && s.contains("PRESSURE")
-    });
-    term.keys("q");
-    let s = term.wait("exit", &|s| s.contains("EXIT="));
-    assert!(s.contains("EXIT=0"), "{s}");
-    // The alternate screen is gone: the view's text no longer shows.
-    assert!(
-        !s.contains("TIME_WAIT alive"),
-        "terminal not restored:\n{s}"
-    );
-}
-
-#[test]
-fn replay_drives_the_live_view_from_a_recording() {
-    if !can_run() {
-        return;
-    }
-    let ns = Netns::new("replay");
-    let file = tmp_trace("replay");
-    let mut rec = twtrace_integration::Recording::start(&ns, &file);
-    ns.twload(&["fill", "127.0.0.1:8080", "7"]);
-    std::thread::sleep(Duration::from_millis(300));
-    rec.stop();
-    let cmd = format!(
-        "{} replay {file} --speed 20; echo EXIT=$?; sleep 60",
-        twtrace_integration::twtrace_bin().display()
-    );
-    let term = Tmux::start("replay", &cmd);
-    term.wait("the replayed TIME_WAITs", &|s| {
-        s.contains("REPLAY") && s.contains("TIME_WAIT alive 7 ") && s.contains("twload")
-    });
-    term.keys("q");
-    let s = term.wait("exit", &|s| s.contains("EXIT="));
-    assert!(s.contains("EXIT=0"), "{s}");
-    let _ = std::fs::remove_file(&file);
 }
 
 #[test]

@@ -500,6 +500,13 @@ impl<C: Clock> Aggregator<C> {
         self.alive.len()
     }
 
+    /// Ends of TIME_WAITs never seen starting, including those still waiting for their start.
+    /// Without filters on the closing process and with the start-up scan, each one is a
+    /// TIME_WAIT whose start the kernel programs never saw.
+    pub fn ends_without_start(&self) -> u64 {
+        self.totals.unmatched_ends + self.early_ends.len() as u64
+    }
+
     pub fn now_ns(&self) -> u64 {
         self.clock.now_ns()
     }
@@ -877,6 +884,20 @@ pub(crate) mod tests {
         assert_eq!(a.totals().unmatched_ends, 1);
         a.ingest(enter(TwKey::Cookie(1), 2 * S, Substate::TimeWait), &mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn ends_without_a_start_are_counted_while_waiting_and_after() {
+        let (mut a, clock) = agg();
+        let mut out = vec![];
+        a.ingest(enter(TwKey::Cookie(1), S, Substate::TimeWait), &mut out);
+        a.ingest(end(TwKey::Cookie(1), 2 * S, EndReason::Expired), &mut out);
+        assert_eq!(a.ends_without_start(), 0);
+        a.ingest(end(TwKey::Cookie(2), 2 * S, EndReason::Purged), &mut out);
+        assert_eq!(a.ends_without_start(), 1, "still waiting for its start");
+        clock.set(EARLY_END_TTL_NS + 3 * S);
+        a.tick();
+        assert_eq!(a.ends_without_start(), 1, "given up on");
     }
 
     fn existing(cookie: u64, remaining_ms: u32) -> TwExisting {

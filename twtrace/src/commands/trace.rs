@@ -241,7 +241,12 @@ pub fn summary(agg: &Aggregator<MonotonicClock>, loss: &Loss, decode_errors: u64
         t.peer_reset
     );
     eprintln!(
-        "twtrace: lost events: {} (ring buffer full); recursion misses: {}; failed kernel reads: {}; connection map failures: {}; undecodable records: {}",
-        loss.ringbuf_full, loss.recursion_misses, loss.read_fail, loss.conn_map_fail, decode_errors
+        "twtrace: lost events: {} (ring buffer full); recursion misses: {}; failed kernel reads: {}; connection map failures: {}; undecodable records: {}; ends of TIME_WAITs never seen starting: {}",
+        loss.ringbuf_full,
+        loss.recursion_misses,
+        loss.read_fail,
+        loss.conn_map_fail,
+        decode_errors,
+        agg.ends_without_start()
     );
 }
