@@ -1,8 +1,9 @@
 //! Root tests of the terminal views, driven through tmux: the live view against `ss`, and a
-//! replay. A test binary of their own: cargo runs test binaries one after another, so these
-//! screens are not compared while the other scenarios' tracers and traffic load the CPUs (under
-//! that load the kernel was seen, rarely, to skip the programs of every tracer for one
-//! TIME_WAIT; see the README's limits).
+//! replay. A test binary of their own, which cargo runs after the others rather than beside
+//! them: this kernel runs no tracing program while the VM's agent (PID 1) is the current task,
+//! even for softirq work on top of it, and with the whole suite loading the CPUs more of that
+//! work lands there, so a TIME_WAIT of these tests was occasionally invisible to every tracer
+//! (see the README's limits).
 
 use std::time::Duration;
 

@@ -75,6 +75,8 @@ pub struct Model {
     /// TIME_WAITs alive in the namespace whose settings are shown (against tcp_max_tw_buckets).
     pub settings_fill: u64,
     pub loss: Loss,
+    /// Ends of TIME_WAITs never seen starting (see [`Aggregator::ends_without_start`]).
+    pub ends_without_start: u64,
     pub alive: u64,
     pub rates: Rates,
     pub totals: Totals,
@@ -401,6 +403,7 @@ impl ViewState {
             settings,
             settings_fill,
             loss: agg.loss().clone(),
+            ends_without_start: agg.ends_without_start(),
             alive,
             rates,
             connect_failed: f.connect_eaddrnotavail,
