@@ -598,9 +598,15 @@ impl<C: Clock> Aggregator<C> {
         self.stats
             .entered(proc_key(&tw.closer), cgroup_of(&tw.closer), tw.role);
         if let Some(old) = self.alive.insert(tw) {
-            // The old socket's end was lost (for an address key, its memory then reused).
             self.track(&old, e.ts_ns, false);
-            self.totals.overdue_dropped += 1;
+            if old.preexisting {
+                // The start-up scan listed it before its start was read: it started after
+                // twtrace did, and this record, with its closer, replaces the scan's.
+                self.totals.preexisting = self.totals.preexisting.saturating_sub(1);
+            } else {
+                // The old socket's end was lost (for an address key, its memory then reused).
+                self.totals.overdue_dropped += 1;
+            }
         }
         if let Some((end, _)) = self.early_ends.remove(&e.key) {
             if end.ts_ns >= e.ts_ns {
@@ -957,6 +963,24 @@ pub(crate) mod tests {
         let r = only_tw(&out);
         assert_eq!(r.tw.key, TwKey::Cookie(3));
         assert_eq!(r.end, EndReason::Expired);
+    }
+
+    #[test]
+    fn a_scan_that_overtakes_a_start_yields_one_traced_time_wait() {
+        let (mut a, _) = agg();
+        let mut out = vec![];
+        a.ingest(
+            Event::TwExisting {
+                ts_ns: 3 * S,
+                sockets: vec![existing(5, 59_000)],
+            },
+            &mut out,
+        );
+        a.ingest(enter(TwKey::Cookie(5), 2 * S, Substate::TimeWait), &mut out);
+        assert_eq!(a.alive_count(), 1);
+        let t = a.totals();
+        assert_eq!((t.entered, t.preexisting, t.overdue_dropped), (1, 0, 0));
+        assert!(a.alive().all(|tw| !tw.preexisting && tw.closer.is_some()));
     }
 
     #[test]

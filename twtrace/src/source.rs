@@ -105,6 +105,9 @@ impl LiveSource {
             }
             scanned = scan_done => {
                 self.scan = None;
+                // Starts submitted before the scan listed their TIME_WAITs go first, so the
+                // scan does not report them as older than twtrace.
+                Self::drain_ring(self.ring.get_mut(), out, &mut self.decode_errors);
                 let ts_ns = crate::aggregate::Clock::now_ns(&crate::aggregate::MonotonicClock);
                 if let Some(Ok(sockets)) = scanned {
                     // Who closed a pre-existing TIME_WAIT is unknown, so process filters
