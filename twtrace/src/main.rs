@@ -45,14 +45,41 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the cause chain, no backtrace.
-            let msg = e
-                .chain()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join(": ");
-            eprintln!("twtrace: {msg}");
+            eprintln!("twtrace: {}", one_line(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The cause chain on one line, no backtrace. A cause that its parent's message already spells
+/// out (an error that prints its source) is said once.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain().map(|c| c.to_string()) {
+        if msg.ends_with(&cause) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&cause);
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn a_cause_already_in_its_parents_message_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(twtrace::record::RecordError::Io {
+            path: "/x.twt".into(),
+            source: io,
+        });
+        assert_eq!(one_line(&e), "/x.twt: No such file");
+        let e = anyhow::anyhow!("disk full").context("writing /x.twt");
+        assert_eq!(one_line(&e), "writing /x.twt: disk full");
     }
 }
