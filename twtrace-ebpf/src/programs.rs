@@ -951,13 +951,13 @@ fn on_tw_cancel(timer: u64) {
     };
     let stash = unsafe { &mut *p };
     flush_stash(stash);
-    let ts = now_ns();
     // Taken before the filters: a mark left by a TIME_WAIT that is filtered out would
     // otherwise outlive it, and the next TIME_WAIT at its address would look reset.
-    let reset = stash.rst_tw == tw && ts.wrapping_sub(stash.rst_ts) < STASH_MAX_NS;
-    if stash.rst_tw == tw {
+    let marked = stash.rst_tw == tw;
+    if marked {
         stash.rst_tw = 0;
     }
+    let reset = marked && now_ns().wrapping_sub(stash.rst_ts) < STASH_MAX_NS;
     let Some(conn) = read_conn(tw, 0, Slot::TimerCancel) else {
         return;
     };
@@ -965,6 +965,7 @@ fn on_tw_cancel(timer: u64) {
         return;
     }
     let (cookie, substate) = tw_identity(tw, Slot::TimerCancel);
+    let ts = now_ns();
     // Only a reuse names who ended it; in softirq the current task is whoever was interrupted.
     let by = Task::default();
     // Causes that are plain now.
