@@ -229,6 +229,11 @@ impl Trace {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Sends a signal to twtrace (SIGSTOP/SIGCONT pause its reader; the kernel programs run on).
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
     pub fn records(&self) -> Vec<Value> {
         self.records.lock().unwrap().clone()
     }

@@ -231,6 +231,72 @@ fn overflow_skips_time_wait() {
     t.stop();
 }
 
+/// A start with no room in the ring buffer stays in the kernel's map of closing connections;
+/// the sweep finds its TIME_WAIT there, with its closer, and the count stays exact. (Starts the
+/// kernel ran no program for are recovered the same way.)
+#[test]
+fn starts_lost_to_a_full_ring_buffer_are_recovered_by_the_sweep() {
+    if !can_run() {
+        return;
+    }
+    let mut ns = Netns::new("ringfull");
+    let t = Trace::start(&ns, &["--ring-mib", "1"]);
+    let kernel_tws = |ns: &Netns| {
+        let c = ns.tcp_ext();
+        c["TW"] + c["TWKilled"]
+    };
+    let before = kernel_tws(&ns);
+    // 12,000 starts of 136 bytes do not fit in 1 MiB while the reader is stopped.
+    t.signal(libc::SIGSTOP);
+    let load = ns.twload(&[
+        "churn",
+        "127.0.0.1:8080",
+        "5",
+        "12000",
+        "0",
+        "client",
+        "2",
+        "4",
+    ]);
+    let kernel = kernel_tws(&ns) - before;
+    t.signal(libc::SIGCONT);
+    assert_eq!(load["connections"].as_u64(), Some(12_000), "{load}");
+    assert_eq!(kernel, 12_000);
+    // Past the sweep (a close must be a second old), the namespace goes and takes every
+    // TIME_WAIT with it: each one is a record.
+    std::thread::sleep(Duration::from_secs(3));
+    ns.delete();
+    let recs = t.wait_for("every TIME_WAIT purged", Duration::from_secs(30), |r| {
+        r.iter().filter(|v| v["type"] == "time_wait").count() as u64 >= kernel
+    });
+    let recovered: Vec<&Value> = recs
+        .iter()
+        .filter(|v| v["type"] == "time_wait" && v["recovered"] == true)
+        .collect();
+    assert!(!recovered.is_empty(), "{}", t.stderr());
+    for r in &recovered {
+        assert_eq!(r["pid"].as_u64(), Some(pid(&load)), "{r}");
+        assert_eq!(r["comm"], "twload");
+        assert_eq!(
+            (&r["role"], &r["close"]),
+            (&"client".into(), &"active".into())
+        );
+        assert_eq!(r["end"], "purged");
+    }
+    let (recs, _) = t.stop();
+    let summary = recs.last().unwrap();
+    assert_eq!(
+        summary["totals"]["entered"].as_u64(),
+        Some(kernel),
+        "{summary}"
+    );
+    assert_eq!(
+        summary["totals"]["recovered"].as_u64(),
+        Some(recovered.len() as u64)
+    );
+    assert!(summary["loss"]["ringbuf_full"].as_u64().unwrap() >= recovered.len() as u64);
+}
+
 #[test]
 fn so_linger_zero_aborts_without_time_wait() {
     if !can_run() {

@@ -230,6 +230,40 @@ pub struct NoTw {
     pub _pad: u32,
 }
 
+/// A connection this host closed first (or reset), in the kernel's `CONNS` map by socket
+/// cookie, from its close until its TIME_WAIT starts or it closes without one. Userspace reads
+/// the entries nothing settled: their TIME_WAIT started where the kernel ran no program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Closing {
+    pub closer: Task,
+    /// The connection, read at close(); zero (`family` 0) when only a RST was seen.
+    pub conn: Conn,
+    /// When close() was seen (CLOCK_MONOTONIC ns); 0 with `conn`.
+    pub ts_ns: u64,
+    /// A `role` constant.
+    pub role: u8,
+    /// A `close_kind` constant.
+    pub close: u8,
+    /// `closing_flag` bits.
+    pub flags: u8,
+    /// For `closing_flag::CLOSED`: the TCP state the socket left for CLOSE.
+    pub oldstate: u8,
+    pub _pad: u32,
+}
+
+/// `Closing::flags`.
+pub mod closing_flag {
+    /// `Closing::closer` closed first (close()/shutdown(), or a reset it caused).
+    pub const CLOSER_SET: u8 = 1;
+    pub const RST_SENT: u8 = 4;
+    pub const RST_RECEIVED: u8 = 8;
+    /// Went to CLOSE without a TIME_WAIT; a RST sent right after makes it an abort.
+    pub const CLOSED: u8 = 16;
+    /// Closed by twtrace itself: none of its TIME_WAITs or aborts are reported.
+    pub const IGNORED: u8 = 32;
+}
+
 /// The kernel programs read the start of a socket in one go; every `skc_*` field they use must
 /// lie in these first bytes (checked at load time). It reaches past `sock_common` (136 bytes on
 /// 6.18) to a TIME_WAIT's `tw_substate`, read from the same block when it fits.
@@ -374,6 +408,7 @@ mod pod {
     unsafe impl aya::Pod for super::TwUpdate {}
     unsafe impl aya::Pod for super::NoTw {}
     unsafe impl aya::Pod for super::PortFail {}
+    unsafe impl aya::Pod for super::Closing {}
 }
 
 /// Compile-time layout checks: both sides must see the same sizes.
@@ -386,4 +421,5 @@ const _: () = {
     assert!(core::mem::size_of::<NoTw>() == 120);
     assert!(core::mem::size_of::<PortFail>() == 112);
     assert!(core::mem::size_of::<Filter>() == 64);
+    assert!(core::mem::size_of::<Closing>() == 104);
 };

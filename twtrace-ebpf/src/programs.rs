@@ -36,9 +36,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use twtrace_ebpf::{
-    AF_INET, AF_INET6, COMM_LEN, Config, Conn, EADDRINUSE, EADDRNOTAVAIL, EndReason, EventHeader,
-    EventKind, NoTw, NoTwReason, OPEN_ATTRIBUTED, PortFail, SKC_BLOCK, Task, TwOpen, TwUpdate,
-    close_kind, counter, port_op, role, tcp_state,
+    AF_INET, AF_INET6, COMM_LEN, Closing, Config, Conn, EADDRINUSE, EADDRNOTAVAIL, EndReason,
+    EventHeader, EventKind, NoTw, NoTwReason, OPEN_ATTRIBUTED, PortFail, SKC_BLOCK, Task, TwOpen,
+    TwUpdate, close_kind,
+    closing_flag::{CLOSED, CLOSER_SET, IGNORED, RST_RECEIVED, RST_SENT},
+    counter, port_op, role, tcp_state,
 };
 
 /// Filled in by userspace at load time (offsets from BTF, addresses from kallsyms, filters).
@@ -61,8 +63,12 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 /// Connections this host closed first (or reset), by socket cookie, from the close to the
 /// TIME_WAIT or the CLOSE that settles them.
 #[map]
-static CONNS: LruHashMap<u64, ConnInfo> =
-    LruHashMap::with_max_entries(262_144, BPF_F_NO_COMMON_LRU);
+static CONNS: LruHashMap<u64, Closing> = LruHashMap::with_max_entries(262_144, BPF_F_NO_COMMON_LRU);
+
+/// Where `on_fin_wait1` builds the record it remembers (only `set_state` uses it, and the
+/// kernel never nests a program within itself).
+#[map]
+static CLOSING: PerCpuArray<Closing> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static PERCPU: PerCpuArray<PerCpu> = PerCpuArray::with_max_entries(1, 0);
@@ -98,25 +104,6 @@ static BINDS: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(4096, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
-
-const CLOSER_SET: u8 = 1;
-const RST_SENT: u8 = 4;
-const RST_RECEIVED: u8 = 8;
-/// Went to CLOSE without a TIME_WAIT; a RST sent right after makes it an abort.
-const CLOSED: u8 = 16;
-/// Closed by twtrace itself: none of its TIME_WAITs or aborts are reported.
-const IGNORED: u8 = 32;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ConnInfo {
-    closer: Task,
-    role: u8,
-    close: u8,
-    flags: u8,
-    oldstate: u8,
-    _pad: u32,
-}
 
 /// A connect() older than this no longer explains a kill. From CLOSE->SYN_SENT to the port
 /// search that may kill a TIME_WAIT takes microseconds.
@@ -360,7 +347,7 @@ fn task_passes(t: &Task) -> bool {
 }
 
 #[inline(never)]
-fn submit_no_tw(cookie: u64, conn: &Conn, info: &ConnInfo, reason: NoTwReason, oldstate: u8) {
+fn submit_no_tw(cookie: u64, conn: &Conn, info: &Closing, reason: NoTwReason, oldstate: u8) {
     if info.flags & IGNORED != 0 || !conn_passes(conn) || !task_passes(&info.closer) {
         return;
     }
@@ -506,9 +493,11 @@ fn tcp_sock_of_fd(fd: u64) -> Option<u64> {
 }
 
 #[inline(always)]
-fn new_conn_info(role: u8) -> ConnInfo {
-    ConnInfo {
+fn new_conn_info(role: u8) -> Closing {
+    Closing {
         closer: Task::default(),
+        conn: Conn::default(),
+        ts_ns: 0,
         role,
         close: close_kind::UNKNOWN,
         flags: 0,
@@ -532,7 +521,7 @@ fn role_of(skc: u64) -> u8 {
 
 /// A connection the current task is closing (or resetting) first; `flags` besides CLOSER_SET.
 #[inline(always)]
-fn closed_by_current(skc: u64, flags: u8) -> ConnInfo {
+fn closed_by_current(skc: u64, flags: u8) -> Closing {
     let mut info = new_conn_info(role_of(skc));
     info.closer = current_task();
     info.close = close_kind::ACTIVE;
@@ -541,7 +530,7 @@ fn closed_by_current(skc: u64, flags: u8) -> ConnInfo {
 }
 
 #[inline(always)]
-fn remember(cookie: u64, info: &ConnInfo) {
+fn remember(cookie: u64, info: &Closing) {
     if CONNS.insert(cookie, info, 0).is_err() {
         count(counter::CONN_MAP_FAIL);
     }
@@ -605,29 +594,7 @@ fn on_set_state(sk: *mut c_void, old: u8, new: u8) {
                 unsafe { (*info).close = close_kind::SIMULTANEOUS };
             }
         }
-        (_, FIN_WAIT1) => {
-            // close() or shutdown(): process context, the task is the closer.
-            if is_self() {
-                let mut info = new_conn_info(role::UNKNOWN);
-                info.flags = CLOSER_SET | IGNORED;
-                remember(cookie, &info);
-                return;
-            }
-            let info = closed_by_current(skc, 0);
-            // Usually new; one lookup only when a RST was seen first.
-            if CONNS.insert(cookie, info, BPF_NOEXIST).is_err() {
-                match CONNS.get_ptr_mut(cookie) {
-                    Some(old) => unsafe {
-                        if (*old).flags & CLOSER_SET == 0 {
-                            (*old).closer = info.closer;
-                            (*old).close = close_kind::ACTIVE;
-                            (*old).flags |= CLOSER_SET;
-                        }
-                    },
-                    None => count(counter::CONN_MAP_FAIL),
-                }
-            }
-        }
+        (_, FIN_WAIT1) => on_fin_wait1(skc, cookie),
         (SYN_SENT, CLOSE) => {
             // connect() found no local port: the port search (inet_hash_connect) failed before
             // one was assigned, and the socket goes back to CLOSE still without one.
@@ -638,6 +605,57 @@ fn on_set_state(sk: *mut c_void, old: u8, new: u8) {
         }
         (_, CLOSE) => on_close(skc, cookie, old),
         _ => {}
+    }
+}
+
+/// close() or shutdown(): process context, the current task is the closer. Its own frame: the
+/// record it builds would not fit beside `on_close`'s on one BPF stack.
+#[inline(never)]
+fn on_fin_wait1(skc: u64, cookie: u64) {
+    if is_self() {
+        let mut info = new_conn_info(role::UNKNOWN);
+        info.flags = CLOSER_SET | IGNORED;
+        remember(cookie, &info);
+        return;
+    }
+    // The connection and the time let userspace find its TIME_WAIT should the kernel run no
+    // program where it starts. Filtered out here, it is never remembered.
+    let Some(conn) = read_conn(skc, conf!(off.inet_sport), Slot::SetState) else {
+        return;
+    };
+    if !conn_passes(&conn) {
+        return;
+    }
+    // Built in place: a second copy would not fit on the BPF stack.
+    let Some(p) = CLOSING.get_ptr_mut(0) else {
+        return;
+    };
+    let info = unsafe { &mut *p };
+    info.closer = current_task();
+    if !task_passes(&info.closer) {
+        return;
+    }
+    info.conn = conn;
+    info.ts_ns = now_ns();
+    info.role = role_of(skc);
+    info.close = close_kind::ACTIVE;
+    info.flags = CLOSER_SET;
+    info.oldstate = 0;
+    let info: &Closing = info;
+    // Usually new; one lookup only when a RST was seen first.
+    if CONNS.insert(cookie, info, BPF_NOEXIST).is_err() {
+        match CONNS.get_ptr_mut(cookie) {
+            Some(old) => unsafe {
+                if (*old).flags & CLOSER_SET == 0 {
+                    (*old).closer = info.closer;
+                    (*old).close = close_kind::ACTIVE;
+                    (*old).flags |= CLOSER_SET;
+                }
+                (*old).conn = conn;
+                (*old).ts_ns = info.ts_ns;
+            },
+            None => count(counter::CONN_MAP_FAIL),
+        }
     }
 }
 
@@ -659,7 +677,7 @@ fn on_close(skc: u64, cookie: u64, old: u8) {
     };
     let mut i = unsafe { *info };
     let closed_first = i.flags & CLOSER_SET != 0;
-    let finish = |reason: NoTwReason, i: &ConnInfo| {
+    let finish = |reason: NoTwReason, i: &Closing| {
         if let Some(conn) = read_conn(skc, conf!(off.inet_sport), Slot::SetState) {
             submit_no_tw(cookie, &conn, i, reason, old);
         }
@@ -891,20 +909,21 @@ fn on_tw_start<C: EbpfContext>(ctx: &C, timer: u64) {
     if !conn_passes(&conn) {
         return;
     }
-    let (info, flags) = match (unsafe { CONNS.get(cookie) }).copied() {
+    let (info, flags, remembered) = match (unsafe { CONNS.get(cookie) }).copied() {
         Some(info) if cookie != 0 => {
-            // Its job is done: the closing socket's CLOSE, next, has nothing left to report.
-            let _ = CONNS.remove(cookie);
             let attributed = if info.flags & CLOSER_SET != 0 {
                 OPEN_ATTRIBUTED
             } else {
                 0
             };
-            (info, attributed)
+            (info, attributed, true)
         }
-        _ => (new_conn_info(role::UNKNOWN), 0),
+        _ => (new_conn_info(role::UNKNOWN), 0, false),
     };
     if info.flags & IGNORED != 0 || !task_passes(&info.closer) {
+        if remembered {
+            let _ = CONNS.remove(cookie);
+        }
         return;
     }
     let close =
@@ -914,9 +933,14 @@ fn on_tw_start<C: EbpfContext>(ctx: &C, timer: u64) {
             info.close
         };
     let Some(mut e) = EVENTS.reserve::<TwOpen>(0) else {
+        // The connection stays remembered: userspace's sweep finds this TIME_WAIT by it.
         count(counter::RINGBUF_FULL);
         return;
     };
+    if remembered {
+        // Its job is done: the closing socket's CLOSE, next, has nothing left to report.
+        let _ = CONNS.remove(cookie);
+    }
     let r = e.as_mut_ptr();
     unsafe {
         (*r).hdr = header(EventKind::TwEnter, now_ns());

@@ -15,7 +15,7 @@ use crate::{
 
 use crate::event::{
     CloseKind, Dest, EndReason, Endpoints, Event, NetnsSettings, NoTimeWait, NoTwReason,
-    PortFailure, PortOp, Process, Role, Substate, TwEnd, TwEnter, TwExisting, TwKey,
+    PortFailure, PortOp, Process, Recovered, Role, Substate, TwEnd, TwEnter, TwExisting, TwKey,
 };
 
 /// TCP_TIMEWAIT_LEN: a true TIME_WAIT's timer.
@@ -98,6 +98,8 @@ pub struct AliveTw {
     pub rescheduled: u32,
     /// Found by the start-up scan rather than seen entering.
     pub preexisting: bool,
+    /// Its start was recovered by the sweep: `entered_ns` is an estimate.
+    pub recovered: bool,
 }
 
 /// A finished TIME_WAIT.
@@ -240,6 +242,8 @@ pub struct Totals {
     pub server: u64,
     /// Ends never matched to a TIME_WAIT (entered before an event was lost, or filtered).
     pub unmatched_ends: u64,
+    /// Of `entered`: starts no kernel program saw, found afterwards by the sweep.
+    pub recovered: u64,
     /// TIME_WAITs given up on: their timer should have ended them long ago.
     pub overdue_dropped: u64,
 }
@@ -570,6 +574,14 @@ impl<C: Clock> Aggregator<C> {
     }
 
     fn enter(&mut self, e: TwEnter, out: &mut Vec<Record>) {
+        match e.recovered {
+            // Known already (its start was read after all), or gone without an end seen: then
+            // it closed without a TIME_WAIT, or the TIME_WAIT's end is lost too.
+            Some(_) if self.alive.contains_key(&e.key) => return,
+            Some(Recovered::Gone) if !self.early_ends.contains_key(&e.key) => return,
+            Some(_) => self.totals.recovered += 1,
+            None => {}
+        }
         let tw = AliveTw {
             key: e.key,
             conn: e.conn,
@@ -582,6 +594,7 @@ impl<C: Clock> Aggregator<C> {
             timeout_ns: u64::from(e.timeout_jiffies) * self.jiffy_ns,
             rescheduled: 0,
             preexisting: false,
+            recovered: e.recovered.is_some(),
         };
         self.totals.entered += 1;
         match tw.role {
@@ -675,6 +688,7 @@ impl<C: Clock> Aggregator<C> {
             timeout_ns: remaining,
             rescheduled: 0,
             preexisting: true,
+            recovered: false,
         };
         self.totals.preexisting += 1;
         self.track(&tw, ts_ns, true);
@@ -757,6 +771,7 @@ pub(crate) mod tests {
             timeout_ns: TIMEWAIT_LEN_NS,
             rescheduled: 0,
             preexisting: false,
+            recovered: false,
         }
     }
 
@@ -771,6 +786,7 @@ pub(crate) mod tests {
             close: CloseKind::Active,
             substate,
             timeout_jiffies: 15000,
+            recovered: None,
         })
     }
 
@@ -890,6 +906,56 @@ pub(crate) mod tests {
         assert_eq!(a.totals().unmatched_ends, 1);
         a.ingest(enter(TwKey::Cookie(1), 2 * S, Substate::TimeWait), &mut out);
         assert!(out.is_empty());
+    }
+
+    fn recovered(key: TwKey, ts: u64, how: Recovered) -> Event {
+        let Event::TwEnter(mut e) = enter(key, ts, Substate::TimeWait) else {
+            unreachable!()
+        };
+        e.recovered = Some(how);
+        Event::TwEnter(e)
+    }
+
+    #[test]
+    fn a_recovered_start_is_a_time_wait_like_any_other() {
+        let (mut a, _) = agg();
+        let mut out = vec![];
+        a.ingest(recovered(TwKey::Cookie(1), S, Recovered::Alive), &mut out);
+        assert_eq!((a.totals().entered, a.totals().recovered), (1, 1));
+        a.ingest(end(TwKey::Cookie(1), 61 * S, EndReason::Expired), &mut out);
+        let r = only_tw(&out);
+        assert!(r.tw.recovered);
+        assert_eq!(r.tw.closer.as_ref().map(|p| p.pid), Some(10));
+        assert_eq!(r.lifetime_ns(), 60 * S);
+    }
+
+    #[test]
+    fn a_recovered_start_already_known_counts_once() {
+        let (mut a, _) = agg();
+        let mut out = vec![];
+        a.ingest(enter(TwKey::Cookie(1), S, Substate::TimeWait), &mut out);
+        a.ingest(recovered(TwKey::Cookie(1), S, Recovered::Alive), &mut out);
+        assert_eq!((a.totals().entered, a.totals().recovered), (1, 0));
+        assert_eq!(a.totals().overdue_dropped, 0);
+    }
+
+    #[test]
+    fn a_gone_connection_is_a_time_wait_only_if_its_end_was_seen() {
+        let (mut a, _) = agg();
+        let mut out = vec![];
+        a.ingest(recovered(TwKey::Cookie(1), S, Recovered::Gone), &mut out);
+        assert_eq!(
+            (a.totals().entered, a.alive_count()),
+            (0, 0),
+            "closed without one"
+        );
+        a.ingest(end(TwKey::Cookie(2), 3 * S, EndReason::Reused), &mut out);
+        assert_eq!(a.ends_without_start(), 1);
+        a.ingest(recovered(TwKey::Cookie(2), S, Recovered::Gone), &mut out);
+        assert_eq!((a.totals().entered, a.totals().recovered), (1, 1));
+        assert_eq!(a.ends_without_start(), 0);
+        let r = only_tw(&out);
+        assert_eq!((r.end, r.lifetime_ns()), (EndReason::Reused, 2 * S));
     }
 
     #[test]

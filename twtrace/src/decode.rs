@@ -67,6 +67,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 close: CloseKind::from_raw(r.close),
                 substate: Substate::from_tcp_state(r.substate),
                 timeout_jiffies: r.timeout_jiffies,
+                recovered: None,
             })
         }
         EventKind::TwResched => {
@@ -137,7 +138,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     })
 }
 
-fn endpoints(c: &Conn) -> Result<Endpoints, DecodeError> {
+pub(crate) fn endpoints(c: &Conn) -> Result<Endpoints, DecodeError> {
     let (family, laddr, raddr) = match c.family {
         AF_INET => {
             let l: [u8; 4] = c.laddr[..4].try_into().unwrap_or_default();
@@ -165,7 +166,7 @@ fn endpoints(c: &Conn) -> Result<Endpoints, DecodeError> {
     })
 }
 
-fn process(t: &Task) -> Process {
+pub(crate) fn process(t: &Task) -> Process {
     Process {
         pid: t.pid,
         tid: t.tid,

@@ -196,6 +196,21 @@ pub struct TwEnter {
     pub close: CloseKind,
     pub substate: Substate,
     pub timeout_jiffies: u32,
+    /// Set when no kernel program saw this start and the sweep found it afterwards; `ts_ns`
+    /// is then an estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<Recovered>,
+}
+
+/// How the sweep learnt of a TIME_WAIT whose start no kernel program saw (see
+/// `kernel::sweep`): from the connection its closer closed, still remembered by the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recovered {
+    /// The kernel still has the TIME_WAIT.
+    Alive,
+    /// The connection is gone: it was a TIME_WAIT only if its end was seen.
+    Gone,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

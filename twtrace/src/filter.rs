@@ -73,7 +73,7 @@ impl Filters {
         *self == Self::default()
     }
 
-    fn matches_process(&self, p: Option<&Process>) -> bool {
+    pub fn matches_process(&self, p: Option<&Process>) -> bool {
         if !self.on_process() {
             return true;
         }

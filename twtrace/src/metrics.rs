@@ -237,6 +237,29 @@ impl Exporter {
 
         family(
             &mut o,
+            "twtrace_time_wait_starts_recovered_total",
+            "counter",
+            "TIME_WAIT starts no kernel program reported, found afterwards by the sweep (included in entered).",
+        );
+        let _ = writeln!(
+            o,
+            "twtrace_time_wait_starts_recovered_total {}",
+            t.recovered
+        );
+        family(
+            &mut o,
+            "twtrace_time_wait_ends_without_start",
+            "gauge",
+            "Ends of TIME_WAITs never seen starting, so far.",
+        );
+        let _ = writeln!(
+            o,
+            "twtrace_time_wait_ends_without_start {}",
+            agg.ends_without_start()
+        );
+
+        family(
+            &mut o,
             "twtrace_time_wait_lifetime_seconds",
             "histogram",
             "How long TIME_WAIT sockets lived.",

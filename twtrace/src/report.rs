@@ -108,6 +108,8 @@ pub struct Report {
     pub busiest_netns: Option<u32>,
     pub advice: Vec<Advice>,
     pub loss: Loss,
+    /// Ends of TIME_WAITs never seen starting (see `Aggregator::ends_without_start`).
+    pub ends_without_start: u64,
     pub warnings: Vec<String>,
 }
 
@@ -329,6 +331,7 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
             .map(|(n, _)| n),
         advice,
         loss,
+        ends_without_start: agg.ends_without_start(),
         warnings,
         totals: t,
     }

@@ -1,5 +1,6 @@
 //! Live events: the kernel programs' ring buffer, plus the start-up scan of TIME_WAITs that
-//! already existed, as one stream of [`Event`]s for the aggregator.
+//! already existed, the namespaces' state and the starts the sweep recovered, as one stream of
+//! [`Event`]s for the aggregator.
 
 use std::io;
 
@@ -12,6 +13,7 @@ use crate::{
     filter::Filters,
     kernel::{
         netns, sock_diag,
+        sweep::{SWEEP_EVERY, Sweeper},
         tracer::{self, Loss, Tracer, TracerError, TracerOptions},
     },
 };
@@ -22,8 +24,9 @@ pub struct LiveSource {
     scan: Option<JoinHandle<Vec<TwExisting>>>,
     drain_timer: tokio::time::Interval,
     snapshot_timer: tokio::time::Interval,
-    port_state: tokio::sync::mpsc::Receiver<Vec<Event>>,
-    _poller: tokio::task::JoinHandle<()>,
+    /// What the background pollers read: namespace state, and starts the sweep recovered.
+    polled: tokio::sync::mpsc::Receiver<Vec<Event>>,
+    _pollers: [tokio::task::JoinHandle<()>; 2],
     filters: Filters,
     decode_errors: u64,
 }
@@ -52,7 +55,7 @@ impl LiveSource {
             verbose,
             ring_bytes: Some(ring_bytes),
         };
-        let (tracer, ring) = Tracer::start(&opts)?;
+        let (mut tracer, ring) = Tracer::start(&opts)?;
         run_as_batch();
         // SAFETY: the RingBuf owns its map's fd, open and unchanged until it is dropped.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -65,16 +68,22 @@ impl LiveSource {
         drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut snapshot_timer = tokio::time::interval(SNAPSHOT_EVERY);
         snapshot_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (tx, port_state) = tokio::sync::mpsc::channel(4);
-        let poller = tokio::spawn(poll_port_state(filters.netns, tx));
+        let (tx, polled) = tokio::sync::mpsc::channel(4);
+        let sweeper = tracer
+            .take_closing()
+            .map(|map| Sweeper::new(map, crate::kernel::hz(), filters.clone()));
+        let pollers = [
+            tokio::spawn(poll_port_state(filters.netns, tx.clone())),
+            tokio::spawn(sweep(sweeper, tx)),
+        ];
         Ok(Self {
             tracer,
             ring,
             scan,
             drain_timer,
             snapshot_timer,
-            port_state,
-            _poller: poller,
+            polled,
+            _pollers: pollers,
             filters: filters.clone(),
             decode_errors: 0,
         })
@@ -95,7 +104,11 @@ impl LiveSource {
                 Self::drain_ring(guard.get_inner_mut(), out, &mut self.decode_errors);
                 guard.clear_ready();
             }
-            Some(events) = self.port_state.recv() => out.extend(events),
+            Some(events) = self.polled.recv() => {
+                // Ends already in the ring go first: a recovered start then finds its end.
+                Self::drain_ring(self.ring.get_mut(), out, &mut self.decode_errors);
+                out.extend(events);
+            }
             _ = self.snapshot_timer.tick() => {
                 Self::drain_ring(self.ring.get_mut(), out, &mut self.decode_errors);
                 out.push(self.snapshot());
@@ -206,6 +219,31 @@ async fn poll_port_state(only: Option<u32>, tx: tokio::sync::mpsc::Sender<Vec<Ev
                 }
             }
             Err(e) => log::warn!("reading namespace settings failed: {e}"),
+        }
+    }
+}
+
+/// Runs the sweep every [`SWEEP_EVERY`] (see [`crate::kernel::sweep`]).
+async fn sweep(sweeper: Option<Sweeper>, tx: tokio::sync::mpsc::Sender<Vec<Event>>) {
+    let Some(mut sweeper) = sweeper else {
+        return;
+    };
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Ok((back, events)) = tokio::task::spawn_blocking(move || {
+            let events = sweeper.run();
+            (sweeper, events)
+        })
+        .await
+        else {
+            log::warn!("the sweep for missed TIME_WAIT starts stopped");
+            return;
+        };
+        sweeper = back;
+        if !events.is_empty() && tx.send(events).await.is_err() {
+            return;
         }
     }
 }

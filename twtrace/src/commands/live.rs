@@ -20,7 +20,8 @@ use twtrace::{
     source::LiveSource,
 };
 
-use super::{Stop, trace::hz};
+use super::Stop;
+use twtrace::kernel::hz;
 
 /// Where the view's events come from.
 trait Feed {

@@ -8,7 +8,7 @@ use twtrace::{
     cgroup::CgroupNames,
     cli::RecordArgs,
     event::Event,
-    kernel::{netns, settings},
+    kernel::{hz, netns, settings},
     output::{TimeBase, json},
     record::{Header, Recorder, Rotation},
     source::LiveSource,
@@ -16,7 +16,7 @@ use twtrace::{
 
 use super::{
     Stop,
-    trace::{hz, summary, warn_new_loss},
+    trace::{summary, warn_new_loss},
 };
 
 pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {

@@ -19,7 +19,8 @@ use twtrace::{
     source::LiveSource,
 };
 
-use super::{Stop, trace::hz};
+use super::Stop;
+use twtrace::kernel::hz;
 
 struct State {
     agg: Aggregator<MonotonicClock>,

@@ -12,20 +12,10 @@ use twtrace::{
     aggregate::{Aggregator, MonotonicClock, Record},
     cgroup::CgroupNames,
     cli::TraceArgs,
-    kernel::{config_hz, tracer::Loss},
+    kernel::{hz, tracer::Loss},
     output::{TimeBase, json, lines},
     source::LiveSource,
 };
-
-/// Used when the kernel's CONFIG_HZ cannot be read; only timer lengths depend on it.
-const FALLBACK_HZ: u32 = 250;
-
-pub fn hz() -> u32 {
-    config_hz().unwrap_or_else(|| {
-        log::warn!("cannot read CONFIG_HZ; assuming {FALLBACK_HZ} for timer lengths");
-        FALLBACK_HZ
-    })
-}
 
 pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     let filters = args.filter.filters()?;
@@ -226,9 +216,10 @@ pub fn warn_new_loss(now: Loss, before: &Loss) -> Loss {
 pub fn summary(agg: &Aggregator<MonotonicClock>, loss: &Loss, decode_errors: u64) {
     let t = agg.totals();
     eprintln!(
-        "twtrace: {} TIME_WAITs entered ({} found at start), {} ended (expired {}, reused {}, recycled {}, reset {}, purged {}), {} still alive; closes without TIME_WAIT: overflow {}, abort {}, peer reset {}",
+        "twtrace: {} TIME_WAITs entered ({} found at start, {} starts recovered by the sweep), {} ended (expired {}, reused {}, recycled {}, reset {}, purged {}), {} still alive; closes without TIME_WAIT: overflow {}, abort {}, peer reset {}",
         t.entered,
         t.preexisting,
+        t.recovered,
         t.ended,
         t.expired,
         t.reused,

@@ -5,10 +5,25 @@ pub mod kallsyms;
 pub mod netns;
 pub mod settings;
 pub mod sock_diag;
+pub mod sweep;
 pub mod tracefs;
 pub mod tracer;
 
 use std::{fs, io::Read as _};
+
+/// Used when the kernel's CONFIG_HZ cannot be read; only timer lengths depend on it.
+const FALLBACK_HZ: u32 = 250;
+
+/// [`config_hz`], or [`FALLBACK_HZ`] with a warning (once).
+pub fn hz() -> u32 {
+    static HZ: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        config_hz().unwrap_or_else(|| {
+            log::warn!("cannot read CONFIG_HZ; assuming {FALLBACK_HZ} for timer lengths");
+            FALLBACK_HZ
+        })
+    })
+}
 
 /// The kernel's CONFIG_HZ (timer lengths are counted in jiffies), from /proc/config.gz or
 /// /boot/config-$(uname -r). `None` when neither says.

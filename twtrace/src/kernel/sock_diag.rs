@@ -144,6 +144,7 @@ fn live_counts(s: &NetnsSettings, netns: u32) -> io::Result<Vec<(Dest, u32)>> {
 struct DiagSock {
     conn: Endpoints,
     state: u8,
+    timer: u8,
     cookie: u64,
     expires_ms: u32,
 }
@@ -152,7 +153,9 @@ fn as_bytes<T>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, mem::size_of::<T>()) }
 }
 
-fn dump(family: u8, states: u32, netns: u32) -> io::Result<Vec<DiagSock>> {
+/// Sends one sock_diag request on a new netlink socket, for its replies.
+fn request(flags: u16, req: DiagReq) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let fd = unsafe {
         libc::socket(
             libc::AF_NETLINK,
@@ -163,8 +166,7 @@ fn dump(family: u8, states: u32, netns: u32) -> io::Result<Vec<DiagSock>> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    use std::os::fd::AsRawFd;
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     #[repr(C)]
     struct Req {
         hdr: NlMsgHdr,
@@ -174,31 +176,122 @@ fn dump(family: u8, states: u32, netns: u32) -> io::Result<Vec<DiagSock>> {
         hdr: NlMsgHdr {
             len: mem::size_of::<Req>() as u32,
             ty: SOCK_DIAG_BY_FAMILY,
-            flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+            flags: libc::NLM_F_REQUEST as u16 | flags,
             seq: 1,
             pid: 0,
         },
-        req: DiagReq {
-            family,
-            protocol: libc::IPPROTO_TCP as u8,
-            states,
-            ..Default::default()
-        },
+        req,
     };
     let b = as_bytes(&req);
     if unsafe { libc::send(sock.as_raw_fd(), b.as_ptr().cast(), b.len(), 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(sock)
+}
+
+fn recv(sock: &std::os::fd::OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+fn dump(family: u8, states: u32, netns: u32) -> io::Result<Vec<DiagSock>> {
+    let sock = request(
+        libc::NLM_F_DUMP as u16,
+        DiagReq {
+            family,
+            protocol: libc::IPPROTO_TCP as u8,
+            states,
+            ..Default::default()
+        },
+    )?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if parse(&buf[..n as usize], netns, &mut out)? {
+        let n = recv(&sock, &mut buf)?;
+        if parse(&buf[..n], netns, &mut out)? {
             return Ok(out);
         }
+    }
+}
+
+/// What the kernel has now for a connection twtrace saw closing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Its TIME_WAIT socket, with the time left on its timer.
+    TimeWait {
+        substate: Substate,
+        remaining_ms: u32,
+    },
+    /// Still a full socket (FIN_WAIT2 waiting for the peer, or closing).
+    Open,
+    /// Neither: the connection and any TIME_WAIT of it are gone.
+    Gone,
+}
+
+/// `idiag_timer` of a TIME_WAIT socket; a full socket in FIN_WAIT2 has another.
+const TIMER_TIME_WAIT: u8 = 3;
+
+/// Looks up connections by address and cookie (no dump: the kernel finds each in its hash)
+/// inside the namespace at `path`.
+pub fn lookup_in(path: &Path, conns: Vec<(u64, Endpoints)>) -> io::Result<Vec<(u64, Lookup)>> {
+    netns::run_in(path, move || {
+        let mut buf = vec![0u8; 8 * 1024];
+        conns
+            .into_iter()
+            .map(|(cookie, c)| Ok((cookie, lookup(&c, cookie, &mut buf)?)))
+            .collect()
+    })
+}
+
+fn lookup(c: &Endpoints, cookie: u64, buf: &mut [u8]) -> io::Result<Lookup> {
+    let mut id = SockId {
+        sport: c.lport.to_be_bytes(),
+        dport: c.rport.to_be_bytes(),
+        cookie: [cookie as u32, (cookie >> 32) as u32],
+        ..Default::default()
+    };
+    let family = match (c.laddr, c.raddr) {
+        (IpAddr::V4(l), IpAddr::V4(r)) => {
+            id.src[..4].copy_from_slice(&l.octets());
+            id.dst[..4].copy_from_slice(&r.octets());
+            libc::AF_INET as u8
+        }
+        (IpAddr::V6(l), IpAddr::V6(r)) => {
+            id.src = l.octets();
+            id.dst = r.octets();
+            libc::AF_INET6 as u8
+        }
+        _ => return Ok(Lookup::Gone),
+    };
+    let sock = request(
+        0,
+        DiagReq {
+            family,
+            protocol: libc::IPPROTO_TCP as u8,
+            states: !0,
+            id,
+            ..Default::default()
+        },
+    )?;
+    let n = recv(&sock, buf)?;
+    let mut found = Vec::new();
+    match parse(&buf[..n], c.netns, &mut found) {
+        // ENOENT: nothing at that address; ESTALE: another connection (another cookie) is.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) => Ok(Lookup::Gone),
+        Err(e) => Err(e),
+        Ok(_) => Ok(match found.first() {
+            Some(s) if s.cookie != cookie => Lookup::Gone,
+            Some(s) if s.timer == TIMER_TIME_WAIT => Lookup::TimeWait {
+                substate: Substate::from_tcp_state(s.state),
+                remaining_ms: s.expires_ms,
+            },
+            Some(_) => Lookup::Open,
+            None => Lookup::Gone,
+        }),
     }
 }
 
@@ -252,6 +345,7 @@ fn to_sock(m: &DiagMsg, netns: u32) -> Option<DiagSock> {
             rport: u16::from_be_bytes(m.id.dport),
         },
         state: m.state,
+        timer: m.timer,
         cookie: (m.id.cookie[1] as u64) << 32 | m.id.cookie[0] as u64,
         expires_ms: m.expires,
     })

@@ -71,8 +71,13 @@ fn header(m: &Model, v: &ViewState) -> Vec<Line<'static>> {
     };
     lines.push(Line::from(vec![Span::styled(
         format!(
-            "lost: {} ring buffer full, {} recursion misses, {} failed reads, {} map full; {} ends never seen starting",
-            l.ringbuf_full, l.recursion_misses, l.read_fail, l.conn_map_fail, m.ends_without_start
+            "lost: {} ring buffer full, {} recursion misses, {} failed reads, {} map full; {} starts recovered, {} ends never seen starting",
+            l.ringbuf_full,
+            l.recursion_misses,
+            l.read_fail,
+            l.conn_map_fail,
+            m.totals.recovered,
+            m.ends_without_start
         ),
         loss_style,
     )]));

@@ -48,6 +48,8 @@ struct TimeWaitJson<'a> {
     reused_by_comm: Option<&'a str>,
     rescheduled: u32,
     preexisting: bool,
+    /// Its start was recovered by the sweep (`entered` is an estimate).
+    recovered: bool,
 }
 
 #[derive(Serialize)]
@@ -231,6 +233,7 @@ pub fn line(rec: &Record, tb: &TimeBase, cgroups: &mut CgroupNames) -> String {
             reused_by_comm: r.reused_by.as_ref().map(|p| p.comm.as_ref()),
             rescheduled: r.tw.rescheduled,
             preexisting: r.tw.preexisting,
+            recovered: r.tw.recovered,
         }),
         Record::NoTimeWait(n) => serde_json::to_string(&NoTimeWaitJson {
             ty: "no_time_wait",
@@ -297,6 +300,7 @@ mod tests {
                 timeout_ns: 60_000_000_000,
                 rescheduled: 1,
                 preexisting: false,
+                recovered: false,
             },
             ended_ns: 3_500_000_000,
             end: EndReason::Reused,

@@ -77,6 +77,9 @@ pub fn write_line(out: &mut String, rec: &Record, tb: &TimeBase) {
             if t.tw.preexisting {
                 out.push_str(" (pre-existing)");
             }
+            if t.tw.recovered {
+                out.push_str(" (start recovered)");
+            }
             if t.tw.rescheduled > 0 {
                 let _ = write!(out, " resched={}", t.tw.rescheduled);
             }

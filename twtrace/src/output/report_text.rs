@@ -137,8 +137,8 @@ pub fn report(r: &Report) -> String {
     let loss = &r.loss;
     let _ = writeln!(
         o,
-        "\nLost while recording: {} events (ring buffer full), {} recursion misses",
-        loss.ringbuf_full, loss.recursion_misses
+        "\nLost while recording: {} events (ring buffer full), {} recursion misses; {} TIME_WAIT starts recovered by the sweep, {} ends never seen starting",
+        loss.ringbuf_full, loss.recursion_misses, t.recovered, r.ends_without_start
     );
     o
 }
