@@ -580,7 +580,20 @@ impl<C: Clock> Aggregator<C> {
             Some(_) if self.alive.contains_key(&e.key) => return,
             Some(Recovered::Gone) if !self.early_ends.contains_key(&e.key) => return,
             Some(_) => self.totals.recovered += 1,
-            None => {}
+            None => {
+                if let Some(tw) = self.alive.get_mut(&e.key)
+                    && tw.recovered
+                {
+                    // The sweep looked while this start was on its way: one TIME_WAIT, with
+                    // the kernel's times.
+                    tw.entered_ns = e.ts_ns;
+                    tw.armed_ns = e.ts_ns;
+                    tw.timeout_ns = u64::from(e.timeout_jiffies) * self.jiffy_ns;
+                    tw.recovered = false;
+                    self.totals.recovered -= 1;
+                    return;
+                }
+            }
         }
         let tw = AliveTw {
             key: e.key,
@@ -936,6 +949,20 @@ pub(crate) mod tests {
         a.ingest(enter(TwKey::Cookie(1), S, Substate::TimeWait), &mut out);
         a.ingest(recovered(TwKey::Cookie(1), S, Recovered::Alive), &mut out);
         assert_eq!((a.totals().entered, a.totals().recovered), (1, 0));
+        assert_eq!(a.totals().overdue_dropped, 0);
+    }
+
+    #[test]
+    fn a_start_read_after_the_sweep_recovered_it_counts_once() {
+        let (mut a, _) = agg();
+        let mut out = vec![];
+        a.ingest(recovered(TwKey::Cookie(1), S, Recovered::Alive), &mut out);
+        a.ingest(enter(TwKey::Cookie(1), 2 * S, Substate::TimeWait), &mut out);
+        assert_eq!((a.totals().entered, a.totals().recovered), (1, 0));
+        a.ingest(end(TwKey::Cookie(1), 5 * S, EndReason::Reused), &mut out);
+        let r = only_tw(&out);
+        assert!(!r.tw.recovered);
+        assert_eq!(r.lifetime_ns(), 3 * S, "timed from the kernel's start");
         assert_eq!(a.totals().overdue_dropped, 0);
     }
 
