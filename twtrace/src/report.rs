@@ -268,8 +268,8 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
     let loss = agg.loss().clone();
     if !loss.is_zero() {
         warnings.push(format!(
-            "the recording lost events: {} (ring buffer full), {} recursion misses",
-            loss.ringbuf_full, loss.recursion_misses
+            "the recording lost events: {} (ring buffer full), {} recursion misses ({} TIME_WAIT starts recovered by the sweep)",
+            loss.ringbuf_full, loss.recursion_misses, t.recovered
         ));
     }
     Report {

@@ -118,7 +118,16 @@ fn loss_is_red_when_not_zero() {
     );
     let (text, buf) = render(&agg, &mut v);
     assert!(text.contains("lost: 3 ring buffer full"), "{text}");
+    assert!(text.contains("0 starts recovered"), "{text}");
     assert_eq!(buf[(0, row)].bg, Color::Red);
+    // A start the sweep found is counted as such.
+    let Event::TwEnter(mut e) = enter(TwKey::Cookie(99), 5 * S, Substate::TimeWait) else {
+        unreachable!()
+    };
+    e.recovered = Some(crate::event::Recovered::Alive);
+    agg.ingest(Event::TwEnter(e), &mut vec![]);
+    let (text, _) = render(&agg, &mut v);
+    assert!(text.contains("1 starts recovered"), "{text}");
 }
 
 #[test]
