@@ -69,9 +69,7 @@ impl LiveSource {
         let mut snapshot_timer = tokio::time::interval(SNAPSHOT_EVERY);
         snapshot_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (tx, polled) = tokio::sync::mpsc::channel(4);
-        let sweeper = tracer
-            .take_closing()
-            .map(|map| Sweeper::new(map, crate::kernel::hz(), filters.clone()));
+        let sweeper = Sweeper::new(tracer.take_closing()?, crate::kernel::hz(), filters.clone());
         let pollers = [
             tokio::spawn(poll_port_state(filters.netns, tx.clone())),
             tokio::spawn(sweep(sweeper, tx)),
@@ -224,10 +222,7 @@ async fn poll_port_state(only: Option<u32>, tx: tokio::sync::mpsc::Sender<Vec<Ev
 }
 
 /// Runs the sweep every [`SWEEP_EVERY`] (see [`crate::kernel::sweep`]).
-async fn sweep(sweeper: Option<Sweeper>, tx: tokio::sync::mpsc::Sender<Vec<Event>>) {
-    let Some(mut sweeper) = sweeper else {
-        return;
-    };
+async fn sweep(mut sweeper: Sweeper, tx: tokio::sync::mpsc::Sender<Vec<Event>>) {
     let mut every = tokio::time::interval(SWEEP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -235,14 +235,14 @@ pub enum Lookup {
 /// `idiag_timer` of a TIME_WAIT socket; a full socket in FIN_WAIT2 has another.
 const TIMER_TIME_WAIT: u8 = 3;
 
-/// Looks up connections by address and cookie (no dump: the kernel finds each in its hash)
-/// inside the namespace at `path`.
-pub fn lookup_in(path: &Path, conns: Vec<(u64, Endpoints)>) -> io::Result<Vec<(u64, Lookup)>> {
+/// Looks up connections by cookie and address (no dump: the kernel finds each in its hash)
+/// inside the namespace at `path`; the answers come in the order asked.
+pub fn lookup_in(path: &Path, conns: Vec<(u64, Endpoints)>) -> io::Result<Vec<Lookup>> {
     netns::run_in(path, move || {
         let mut buf = vec![0u8; 8 * 1024];
         conns
-            .into_iter()
-            .map(|(cookie, c)| Ok((cookie, lookup(&c, cookie, &mut buf)?)))
+            .iter()
+            .map(|(cookie, c)| lookup(c, *cookie, &mut buf))
             .collect()
     })
 }

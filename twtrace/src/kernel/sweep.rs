@@ -50,6 +50,8 @@ pub enum Outcome {
     Report(Box<Event>),
     /// Look again later.
     Later,
+    /// Not twtrace's to report (a filter excludes it): forget the entry.
+    Forget,
 }
 
 /// The decisions, apart from the kernel: which entries to look up, and what a lookup means.
@@ -90,8 +92,7 @@ impl Sweep {
             .collect()
     }
 
-    /// What the kernel's answer about one entry means. `None`: not twtrace's to report (a
-    /// filter excludes it, or its record is unreadable); the entry is forgotten.
+    /// What the kernel's answer about one entry means.
     pub fn outcome(
         &mut self,
         cookie: u64,
@@ -99,10 +100,10 @@ impl Sweep {
         conn: &Endpoints,
         found: Lookup,
         now_ns: u64,
-    ) -> Option<Outcome> {
+    ) -> Outcome {
         let closer = decode::process(&c.closer);
         if !self.filters.matches_conn(conn) || !self.filters.matches_process(Some(&closer)) {
-            return None;
+            return Outcome::Forget;
         }
         let (recovered, substate, ts_ns, ends_ns) = match found {
             Lookup::Open => {
@@ -111,7 +112,7 @@ impl Sweep {
                     .get(&cookie)
                     .map_or(2 * SETTLE_NS, |(_, d)| (d * 2).min(MAX_RECHECK_NS));
                 self.recheck.insert(cookie, (now_ns + delay, delay));
-                return Some(Outcome::Later);
+                return Outcome::Later;
             }
             Lookup::TimeWait {
                 substate,
@@ -141,7 +142,7 @@ impl Sweep {
             ),
         };
         self.recheck.remove(&cookie);
-        Some(Outcome::Report(Box::new(Event::TwEnter(TwEnter {
+        Outcome::Report(Box::new(Event::TwEnter(TwEnter {
             ts_ns,
             cpu: 0,
             key: TwKey::Cookie(cookie),
@@ -152,7 +153,7 @@ impl Sweep {
             substate,
             timeout_jiffies: (ends_ns.saturating_sub(ts_ns) / self.jiffy_ns) as u32,
             recovered: Some(recovered),
-        }))))
+        })))
     }
 }
 
@@ -194,12 +195,12 @@ impl Sweeper {
             .collect();
         let mut out = Vec::new();
         for (ns, conns) in by_netns {
-            let found: io::Result<Vec<(u64, Lookup)>> = match paths.get(&ns) {
+            let found: io::Result<Vec<Lookup>> = match paths.get(&ns) {
                 Some(path) => {
                     sock_diag::lookup_in(path, conns.iter().map(|(k, _, c)| (*k, *c)).collect())
                 }
                 // A namespace no longer reachable was deleted, and its TIME_WAITs with it.
-                None => Ok(conns.iter().map(|(k, ..)| (*k, Lookup::Gone)).collect()),
+                None => Ok(vec![Lookup::Gone; conns.len()]),
             };
             let found = match found {
                 Ok(f) => f,
@@ -208,14 +209,14 @@ impl Sweeper {
                     continue;
                 }
             };
-            for ((cookie, c, conn), (_, lookup)) in conns.iter().zip(found) {
+            for ((cookie, c, conn), lookup) in conns.iter().zip(found) {
                 match self.sweep.outcome(*cookie, c, conn, lookup, now) {
-                    Some(Outcome::Later) => {}
-                    Some(Outcome::Report(e)) => {
+                    Outcome::Later => {}
+                    Outcome::Report(e) => {
                         self.forget(*cookie);
                         out.push(*e);
                     }
-                    None => self.forget(*cookie),
+                    Outcome::Forget => self.forget(*cookie),
                 }
             }
         }
@@ -293,9 +294,9 @@ mod tests {
         }
     }
 
-    fn enter(o: Option<Outcome>) -> TwEnter {
+    fn enter(o: Outcome) -> TwEnter {
         match o {
-            Some(Outcome::Report(e)) => match *e {
+            Outcome::Report(e) => match *e {
                 Event::TwEnter(t) => t,
                 other => panic!("{other:?}"),
             },
@@ -365,10 +366,7 @@ mod tests {
         let mut waits = Vec::new();
         for _ in 0..8 {
             assert_eq!(s.due(&entries, now).len(), 1);
-            assert_eq!(
-                s.outcome(9, &c, &conn(), Lookup::Open, now),
-                Some(Outcome::Later)
-            );
+            assert_eq!(s.outcome(9, &c, &conn(), Lookup::Open, now), Outcome::Later);
             let mut t = now;
             while s.due(&entries, t).is_empty() {
                 t += S;
@@ -395,7 +393,7 @@ mod tests {
         let c = closing(S, CLOSER_SET, 42);
         assert_eq!(
             Sweep::new(250, only_pid).outcome(9, &c, &conn(), found, 2 * S),
-            None
+            Outcome::Forget
         );
         let other_port = Filters {
             rports: vec![443],
@@ -403,7 +401,7 @@ mod tests {
         };
         assert_eq!(
             Sweep::new(250, other_port).outcome(9, &c, &conn(), found, 2 * S),
-            None
+            Outcome::Forget
         );
     }
 }

@@ -211,7 +211,6 @@ pub struct Tracer {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
     passive_closes: PerCpuHashMap<MapData, u32, u64>,
-    closing: Option<aya::maps::HashMap<MapData, u64, twtrace_ebpf::Closing>>,
     _logger: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -261,11 +260,6 @@ impl Tracer {
                 .ok_or(TracerError::Missing("PASSIVE_CLOSES"))?,
         )
         .map_err(|e| TracerError::Map("PASSIVE_CLOSES", e))?;
-        let closing = aya::maps::HashMap::try_from(
-            ebpf.take_map("CONNS")
-                .ok_or(TracerError::Missing("CONNS"))?,
-        )
-        .map_err(|e| TracerError::Map("CONNS", e))?;
         // Loading parsed the kernel's BTF (megabytes, now freed): hand that memory back rather
         // than keep it resident for the whole run.
         unsafe { libc::malloc_trim(0) };
@@ -274,18 +268,22 @@ impl Tracer {
                 ebpf,
                 counters,
                 passive_closes,
-                closing: Some(closing),
                 _logger: logger,
             },
             ring,
         ))
     }
 
-    /// The kernel's map of connections closed first, for the sweep (once).
+    /// The kernel's map of connections closed first, for the sweep (it can be taken once).
     pub fn take_closing(
         &mut self,
-    ) -> Option<aya::maps::HashMap<MapData, u64, twtrace_ebpf::Closing>> {
-        self.closing.take()
+    ) -> Result<aya::maps::HashMap<MapData, u64, twtrace_ebpf::Closing>, TracerError> {
+        aya::maps::HashMap::try_from(
+            self.ebpf
+                .take_map("CONNS")
+                .ok_or(TracerError::Missing("CONNS"))?,
+        )
+        .map_err(|e| TracerError::Map("CONNS", e))
     }
 
     /// Passive closes (LAST_ACK->CLOSE) so far, per network namespace.
