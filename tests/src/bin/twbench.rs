@@ -309,9 +309,10 @@ fn exactness(o: &Opts) -> anyhow::Result<Value> {
     };
     let before = counters(&ns);
     let load = max_churn(&ns, o);
-    let kernel = counters(&ns) - before;
     // Past the sweep, which recovers starts no kernel program saw once their close is 1 s old.
+    // Counted after it too: the last clients' TIME_WAITs start when their server's FIN arrives.
     std::thread::sleep(Duration::from_millis(3000));
+    let kernel = counters(&ns) - before;
     unsafe { libc::kill(t.id() as i32, libc::SIGINT) };
     let last = last_line.join().unwrap_or_default();
     t.wait()?;

@@ -361,13 +361,16 @@ fn churn(
     let start = Instant::now();
     let made = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    // Connections claimed before connecting, so that threads together never exceed `max`.
+    let claimed = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..threads)
         .map(|_| {
-            let (made, failed, dests) = (made.clone(), failed.clone(), dests.clone());
+            let (made, failed, claimed, dests) =
+                (made.clone(), failed.clone(), claimed.clone(), dests.clone());
             thread::spawn(move || {
                 loop {
                     let k = made.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
-                    if Instant::now() >= stop || made.load(Ordering::Relaxed) >= max {
+                    if Instant::now() >= stop || claimed.fetch_add(1, Ordering::Relaxed) >= max {
                         break;
                     }
                     if rate > 0.0 {
@@ -388,7 +391,8 @@ fn churn(
                             }
                         }
                         Err(_) => {
-                            // Out of ports: back off rather than spin.
+                            // Out of ports: back off rather than spin, and free the claim.
+                            claimed.fetch_sub(1, Ordering::Relaxed);
                             failed.fetch_add(1, Ordering::Relaxed);
                             thread::sleep(ms(1));
                         }
