@@ -322,6 +322,63 @@ pub struct Config {
     pub self_pid: u32,
     /// Non-zero: emit aya-log diagnostics.
     pub verbose: u32,
+    /// [`feature`] bits: what this kernel offers, resolved from its BTF at load time. A
+    /// branch on a bit the kernel lacks is pruned by the verifier (the global is frozen).
+    pub features: u32,
+    /// How much `net_tw_refcount` counts beyond the live TIME_WAITs: 1 for the `refcount_t`
+    /// `tw_refcount` (5.17 on), 0 for the `atomic_t` `tw_count` before it.
+    pub tw_count_bias: u32,
+}
+
+/// `Config::features`.
+pub mod feature {
+    /// Tracing programs may call `bpf_get_socket_cookie` (5.12 on). Without it the programs
+    /// key closing connections by [`crate::conn_key`] and report the cookie the socket has.
+    pub const SOCKET_COOKIE: u32 = 1;
+    /// `net_ns_refcount` was found: TIME_WAITs purged with their namespace are told apart.
+    pub const NETNS_REFCOUNT: u32 = 2;
+    /// `net_tw_refcount` and `net_max_tw_buckets` were found: closes that overflowed
+    /// `tcp_max_tw_buckets` are told apart.
+    pub const TW_BUCKETS: u32 = 4;
+    /// `tcp_send_reset` fires for TIME_WAIT sockets (6.10 on, when it gained its `reason`):
+    /// a RST a TIME_WAIT sends marks its end at once instead of being inferred.
+    pub const TW_RESET_TRACE: u32 = 8;
+}
+
+/// Set in a `CONNS` key made by [`conn_key`]: real socket cookies count up from 1 and never
+/// reach it.
+pub const SYNTHETIC_KEY: u64 = 1 << 63;
+
+/// A key for a connection on kernels whose tracing programs cannot ask for its cookie: its
+/// namespace and 4-tuple, hashed (FNV-1a over the fields), with [`SYNTHETIC_KEY`] set. The
+/// closing socket and its TIME_WAIT share it.
+#[inline(always)]
+pub fn conn_key(c: &Conn) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut mix = |v: u64| {
+        h ^= v;
+        h = h.wrapping_mul(PRIME);
+    };
+    let words = |a: &[u8; 16], i: usize| {
+        u64::from_ne_bytes([
+            a[i],
+            a[i + 1],
+            a[i + 2],
+            a[i + 3],
+            a[i + 4],
+            a[i + 5],
+            a[i + 6],
+            a[i + 7],
+        ])
+    };
+    mix(words(&c.laddr, 0));
+    mix(words(&c.laddr, 8));
+    mix(words(&c.raddr, 0));
+    mix(words(&c.raddr, 8));
+    mix(u64::from(c.netns) << 32 | u64::from(c.lport) << 16 | u64::from(c.rport));
+    mix(u64::from(c.family));
+    h | SYNTHETIC_KEY
 }
 
 /// Byte offsets inside kernel structs.

@@ -520,7 +520,8 @@ impl<C: Clock> Aggregator<C> {
         match ev {
             Event::TwEnter(e) => self.enter(e, out),
             Event::TwResched(r) => {
-                if let Some(tw) = self.alive.get_mut(&r.key) {
+                let key = self.alive_key(r.key, r.addr);
+                if let Some(tw) = self.alive.get_mut(&key) {
                     tw.substate = r.substate;
                     tw.armed_ns = r.ts_ns;
                     tw.timeout_ns = u64::from(r.timeout_jiffies) * self.jiffy_ns;
@@ -643,8 +644,22 @@ impl<C: Clock> Aggregator<C> {
         }
     }
 
+    /// The key an update finds its TIME_WAIT by: its cookie, or its address when the
+    /// TIME_WAIT started before it had a cookie.
+    fn alive_key(&self, key: TwKey, addr: Option<u64>) -> TwKey {
+        match addr {
+            Some(a)
+                if !self.alive.contains_key(&key) && self.alive.contains_key(&TwKey::Addr(a)) =>
+            {
+                TwKey::Addr(a)
+            }
+            _ => key,
+        }
+    }
+
     fn end(&mut self, e: TwEnd, out: &mut Vec<Record>) {
-        let Some(mut tw) = self.alive.remove(&e.key) else {
+        let key = self.alive_key(e.key, e.addr);
+        let Some(mut tw) = self.alive.remove(&key) else {
             let now = self.clock.now_ns();
             if self.early_ends.insert(e.key, (e, now)).is_some() {
                 self.totals.unmatched_ends += 1;
@@ -811,6 +826,7 @@ pub(crate) mod tests {
             end,
             substate: Substate::TimeWait,
             by: (end == EndReason::Reused).then(|| proc_(20, "reuser")),
+            addr: None,
         })
     }
 
@@ -856,6 +872,7 @@ pub(crate) mod tests {
                 key,
                 substate: Substate::TimeWait,
                 timeout_jiffies: 15000,
+                addr: None,
             }),
             &mut out,
         );
@@ -891,6 +908,28 @@ pub(crate) mod tests {
         a.ingest(enter(key, 80 * S, Substate::TimeWait), &mut out);
         assert_eq!(a.alive_count(), 1);
         assert_eq!(a.totals().overdue_dropped, 1);
+    }
+
+    #[test]
+    fn a_cookie_assigned_during_the_time_wait_still_finds_it_by_address() {
+        // Before 5.12 the programs cannot assign cookies: a TIME_WAIT starts keyed by its
+        // address, and an `ss` dump may give it a cookie before it ends.
+        let (mut a, _) = agg();
+        let mut out = vec![];
+        a.ingest(
+            enter(TwKey::Addr(0xffff_1000), S, Substate::TimeWait),
+            &mut out,
+        );
+        let Event::TwEnd(mut e) = end(TwKey::Cookie(44), 61 * S, EndReason::Expired) else {
+            unreachable!()
+        };
+        e.addr = Some(0xffff_2000);
+        a.ingest(Event::TwEnd(e.clone()), &mut out);
+        assert!(out.is_empty(), "another address finds nothing");
+        e.addr = Some(0xffff_1000);
+        a.ingest(Event::TwEnd(e), &mut out);
+        assert_eq!(only_tw(&out).lifetime_ns(), 60 * S);
+        assert_eq!(a.alive_count(), 0);
     }
 
     #[test]

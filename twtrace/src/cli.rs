@@ -8,7 +8,6 @@ use crate::{event::Family, filter::Filters, kernel::netns};
 #[command(
     name = "twtrace",
     version,
-    args_conflicts_with_subcommands = true,
     about = "Explains TCP TIME_WAIT: who closed first, how long each TIME_WAIT lived, how it ended",
     long_about = None
 )]
@@ -21,6 +20,40 @@ pub struct Cli {
     pub live: LiveArgs,
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Cli {
+    /// Parses the command line. Options shown in the top-level help (`-v`) work before and
+    /// after a command; the live view's own options are refused beside a command, in clap's
+    /// usual form (exit status 2).
+    pub fn parse_checked() -> Self {
+        use clap::{Args as _, CommandFactory as _, FromArgMatches as _, parser::ValueSource};
+        let mut cmd = Self::command();
+        let matches = cmd.get_matches_mut();
+        let cli = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit());
+        if let Some((name, _)) = matches.subcommand() {
+            let live = LiveArgs::augment_args(clap::Command::new("live"));
+            for arg in live.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches.try_contains_id(id).unwrap_or(false)
+                    && matches.value_source(id) == Some(ValueSource::CommandLine)
+                {
+                    let flag = arg
+                        .get_long()
+                        .map(|l| format!("--{l}"))
+                        .unwrap_or_else(|| id.to_string());
+                    cmd.error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        format!(
+                            "{flag} belongs to the live view: put it after `{name}` if `{name}` takes it, or leave out `{name}`"
+                        ),
+                    )
+                    .exit();
+                }
+            }
+        }
+        cli
+    }
 }
 
 /// `sudo twtrace`: the live view.
@@ -53,8 +86,16 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Serve Prometheus metrics on /metrics (a daemon; see dist/twtrace.service).
     Serve(ServeArgs),
-    /// Check that this kernel and these privileges can run twtrace, and show what it resolved.
-    Check,
+    /// Check that this kernel and these privileges can run twtrace: what it can show here,
+    /// what is degraded and why, and which program variants it chose.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args, Default)]
+pub struct CheckArgs {
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -78,6 +78,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 key: TwKey::new(r.cookie, r.tw),
                 substate: Substate::from_tcp_state(r.substate),
                 timeout_jiffies: r.timeout_jiffies,
+                addr: (r.cookie != 0).then_some(r.tw),
             })
         }
         EventKind::TwEnd => {
@@ -94,6 +95,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 end,
                 substate: Substate::from_tcp_state(r.substate),
                 by: (end == EndReason::Reused).then(|| process(&r.by)),
+                addr: (r.cookie != 0).then_some(r.tw),
             })
         }
         EventKind::NoTw => {

@@ -220,6 +220,11 @@ pub struct TwResched {
     pub key: TwKey,
     pub substate: Substate,
     pub timeout_jiffies: u32,
+    /// The TIME_WAIT socket's kernel address where the event also has a cookie: a start that
+    /// had none is keyed by its address, and a cookie assigned while it lives (a sock_diag
+    /// dump such as `ss` assigns them where tracing programs cannot) must still find it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +236,11 @@ pub struct TwEnd {
     pub substate: Substate,
     /// For `Reused`: the task whose connect() took the 4-tuple.
     pub by: Option<Process>,
+    /// The TIME_WAIT socket's kernel address where the event also has a cookie: a start that
+    /// had none is keyed by its address, and a cookie assigned while it lives (a sock_diag
+    /// dump such as `ss` assigns them where tracing programs cannot) must still find it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

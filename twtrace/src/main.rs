@@ -4,11 +4,10 @@ mod commands;
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use twtrace::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_checked();
     let level = match cli.verbose {
         0 => log::LevelFilter::Warn,
         1 => log::LevelFilter::Info,
@@ -38,7 +37,7 @@ fn main() -> ExitCode {
             Some(Command::Compare(args)) => commands::compare::run(&args),
             Some(Command::Replay(args)) => commands::live::replay(&args).await,
             Some(Command::Serve(args)) => commands::serve::run(&args, verbose).await,
-            Some(Command::Check) => commands::check::run(),
+            Some(Command::Check(args)) => commands::check::run(&args),
             None => commands::live::run(&cli.live, verbose).await,
         }
     });

@@ -509,6 +509,7 @@ fn report_time(o: &Opts) -> anyhow::Result<Value> {
             key,
             substate: Substate::TimeWait,
             timeout_jiffies: 15000,
+            addr: None,
         }));
         rec.push(&Event::TwEnd(TwEnd {
             ts_ns: ts + 1_500_000_000,
@@ -517,6 +518,7 @@ fn report_time(o: &Opts) -> anyhow::Result<Value> {
             end: EndReason::Reused,
             substate: Substate::TimeWait,
             by: None,
+            addr: None,
         }));
         if i % 50_000 == 0 {
             rec.flush()?;

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use btf_rs::{Btf, Type};
-use twtrace_ebpf::{Offsets, SKC_BLOCK};
+use twtrace_ebpf::{Offsets, SKC_BLOCK, feature};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -141,10 +141,39 @@ impl KernelBtf {
         Err(last.unwrap_or_else(|| BtfError::NoStruct(ty.to_string())))
     }
 
-    /// Every offset the kernel programs use.
-    pub fn offsets(&self) -> Result<Offsets, BtfError> {
+    /// Whether the kernel has a function of this name (BTF_KIND_FUNC).
+    pub fn has_func(&self, name: &str) -> bool {
+        self.btf
+            .resolve_types_by_name(name)
+            .is_ok_and(|ts| ts.iter().any(|t| matches!(t, Type::Func(_))))
+    }
+
+    /// How many arguments the tracepoint `name` passes to BTF programs (from the
+    /// `btf_trace_<name>` typedef, less its leading context pointer); `None` when the kernel
+    /// has no such tracepoint.
+    pub fn tracepoint_args(&self, name: &str) -> Option<usize> {
+        let types = self
+            .btf
+            .resolve_types_by_name(&format!("btf_trace_{name}"))
+            .ok()?;
+        let Type::Typedef(td) = types.into_iter().find(|t| matches!(t, Type::Typedef(_)))? else {
+            return None;
+        };
+        let Type::Ptr(p) = self.btf.resolve_chained_type(&td).ok()? else {
+            return None;
+        };
+        match self.btf.resolve_chained_type(&p).ok()? {
+            Type::FuncProto(f) => Some(f.parameters.len().saturating_sub(1)),
+            _ => None,
+        }
+    }
+
+    /// Every offset the kernel programs use, and what this kernel offers. Offsets every
+    /// program needs are errors when missing; one that serves a single feature only turns that
+    /// feature off, with the reason.
+    pub fn resolve(&self) -> Result<Resolved, BtfError> {
         let skc = |f: &str| self.offset_of("sock_common", f);
-        let o = Offsets {
+        let mut o = Offsets {
             timer_function: self.offset_of("timer_list", "function")?,
             timer_expires: self.offset_of("timer_list", "expires")?,
             tw_timer: self.offset_of("inet_timewait_sock", "tw_timer")?,
@@ -164,25 +193,99 @@ impl KernelBtf {
             sk_protocol: self.offset_of("sock", "sk_protocol")?,
             sk_max_ack_backlog: self.offset_of("sock", "sk_max_ack_backlog")?,
             net_inum: self.offset_of("net", "ns.inum")?,
-            net_ns_refcount: self.offset_of_any("net", &["ns.__ns_ref", "ns.count"])?,
-            net_tw_refcount: self.offset_of("net", "ipv4.tcp_death_row.tw_refcount")?,
-            net_max_tw_buckets: self
-                .offset_of("net", "ipv4.tcp_death_row.sysctl_max_tw_buckets")?,
-            task_files: self.offset_of("task_struct", "files")?,
-            files_fdt: self.offset_of("files_struct", "fdt")?,
-            fdtable_max_fds: self.offset_of("fdtable", "max_fds")?,
-            fdtable_fd: self.offset_of("fdtable", "fd")?,
-            file_private_data: self.offset_of("file", "private_data")?,
-            socket_file: self.offset_of("socket", "file")?,
-            socket_sk: self.offset_of("socket", "sk")?,
-            // Filled from tracefs when the bind hooks are attached.
-            tp_bind_fd: 0,
-            tp_bind_addr: 0,
-            tp_exit_ret: 0,
+            ..Offsets::default()
         };
         check_block(&o)?;
-        Ok(o)
+        let mut r = Resolved {
+            off: o,
+            features: 0,
+            tw_count_bias: 1,
+            missing: Vec::new(),
+            bind_missing: None,
+        };
+        let lacks = |r: &mut Resolved, f: u32, why: String| r.missing.push((f, why));
+        // The helper that assigns a socket its cookie, callable from tracing programs.
+        if self.has_func("bpf_get_socket_ptr_cookie") {
+            r.features |= feature::SOCKET_COOKIE;
+        } else {
+            lacks(
+                &mut r,
+                feature::SOCKET_COOKIE,
+                "tracing programs cannot call bpf_get_socket_cookie (Linux 5.12): connections are keyed by their 4-tuple".into(),
+            );
+        }
+        // `struct net`'s own reference count: 0 while the namespace is destroyed.
+        match self.offset_of_any("net", &["ns.__ns_ref", "ns.count", "count"]) {
+            Ok(off) => {
+                o.net_ns_refcount = off;
+                r.features |= feature::NETNS_REFCOUNT;
+            }
+            Err(e) => lacks(&mut r, feature::NETNS_REFCOUNT, e.to_string()),
+        }
+        // The TIME_WAIT bucket count: a refcount_t one above the count from 5.17, a plain
+        // count before.
+        let dr = "ipv4.tcp_death_row";
+        let count = self
+            .offset_of("net", &format!("{dr}.tw_refcount"))
+            .map(|o| (o, 1))
+            .or_else(|_| {
+                self.offset_of("net", &format!("{dr}.tw_count"))
+                    .map(|o| (o, 0))
+            });
+        let max = self.offset_of("net", &format!("{dr}.sysctl_max_tw_buckets"));
+        match (count, max) {
+            (Ok((count, bias)), Ok(max)) => {
+                o.net_tw_refcount = count;
+                o.net_max_tw_buckets = max;
+                r.tw_count_bias = bias;
+                r.features |= feature::TW_BUCKETS;
+            }
+            (Err(e), _) | (_, Err(e)) => lacks(&mut r, feature::TW_BUCKETS, e.to_string()),
+        }
+        // From 6.10 tcp_send_reset has a `reason` and fires for TIME_WAIT sockets too.
+        match self.tracepoint_args("tcp_send_reset") {
+            Some(n) if n >= 3 => r.features |= feature::TW_RESET_TRACE,
+            _ => lacks(
+                &mut r,
+                feature::TW_RESET_TRACE,
+                "tcp_send_reset does not fire for TIME_WAIT sockets (Linux 6.10): a RST a TIME_WAIT sends is inferred from its cancelled timer".into(),
+            ),
+        }
+        // From a file descriptor to its socket, for bind(): only that hook needs them.
+        let fd_path: Result<[u32; 7], BtfError> = (|| {
+            Ok([
+                self.offset_of("task_struct", "files")?,
+                self.offset_of("files_struct", "fdt")?,
+                self.offset_of("fdtable", "max_fds")?,
+                self.offset_of("fdtable", "fd")?,
+                self.offset_of("file", "private_data")?,
+                self.offset_of("socket", "file")?,
+                self.offset_of("socket", "sk")?,
+            ])
+        })();
+        match fd_path {
+            Ok([a, b, c, d, e, f, g]) => {
+                (o.task_files, o.files_fdt, o.fdtable_max_fds, o.fdtable_fd) = (a, b, c, d);
+                (o.file_private_data, o.socket_file, o.socket_sk) = (e, f, g);
+            }
+            Err(e) => r.bind_missing = Some(e.to_string()),
+        }
+        r.off = o;
+        Ok(r)
     }
+}
+
+/// What [`KernelBtf::resolve`] found.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub off: Offsets,
+    /// `twtrace_ebpf::feature` bits.
+    pub features: u32,
+    pub tw_count_bias: u32,
+    /// Features this kernel lacks, each with the reason.
+    pub missing: Vec<(u32, String)>,
+    /// Why the bind() hook cannot run, when its offsets were not found.
+    pub bind_missing: Option<String>,
 }
 
 /// The `sock_common` fields the programs read from their one block read, with their sizes.
@@ -227,7 +330,8 @@ mod tests {
     #[test]
     fn resolves_every_offset_consistently() {
         let Some(k) = kernel() else { return };
-        let o = k.offsets().expect("all offsets resolve");
+        let r = k.resolve().expect("all offsets resolve");
+        let o = r.off;
         // sock_common starts every socket kind: daddr and rcv_saddr are adjacent (addrpair).
         assert_eq!(o.skc_rcv_saddr, o.skc_daddr + 4);
         assert_eq!(o.skc_num, o.skc_dport + 2);

@@ -1,6 +1,7 @@
 //! Everything that talks to the running kernel.
 
 pub mod btf;
+pub mod capability;
 pub mod kallsyms;
 pub mod netns;
 pub mod settings;

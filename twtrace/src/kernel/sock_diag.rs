@@ -225,12 +225,17 @@ pub enum Lookup {
     TimeWait {
         substate: Substate,
         remaining_ms: u32,
+        /// Its cookie (assigned by this lookup if it had none).
+        cookie: u64,
     },
     /// Still a full socket (FIN_WAIT2 waiting for the peer, or closing).
     Open,
     /// Neither: the connection and any TIME_WAIT of it are gone.
     Gone,
 }
+
+/// `INET_DIAG_NOCOOKIE`: match by address alone.
+const INET_DIAG_NOCOOKIE: [u32; 2] = [!0, !0];
 
 /// `idiag_timer` of a TIME_WAIT socket; a full socket in FIN_WAIT2 has another.
 const TIMER_TIME_WAIT: u8 = 3;
@@ -248,10 +253,18 @@ pub fn lookup_in(path: &Path, conns: Vec<(u64, Endpoints)>) -> io::Result<Vec<Lo
 }
 
 fn lookup(c: &Endpoints, cookie: u64, buf: &mut [u8]) -> io::Result<Lookup> {
+    // A key the kernel programs made from the 4-tuple (no cookie helper) is no cookie: the
+    // 4-tuple alone finds the socket.
+    let by_cookie = cookie & twtrace_ebpf::SYNTHETIC_KEY == 0;
+    let asked = if by_cookie {
+        [cookie as u32, (cookie >> 32) as u32]
+    } else {
+        INET_DIAG_NOCOOKIE
+    };
     let mut id = SockId {
         sport: c.lport.to_be_bytes(),
         dport: c.rport.to_be_bytes(),
-        cookie: [cookie as u32, (cookie >> 32) as u32],
+        cookie: asked,
         ..Default::default()
     };
     let family = match (c.laddr, c.raddr) {
@@ -284,10 +297,11 @@ fn lookup(c: &Endpoints, cookie: u64, buf: &mut [u8]) -> io::Result<Lookup> {
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) => Ok(Lookup::Gone),
         Err(e) => Err(e),
         Ok(_) => Ok(match found.first() {
-            Some(s) if s.cookie != cookie => Lookup::Gone,
+            Some(s) if by_cookie && s.cookie != cookie => Lookup::Gone,
             Some(s) if s.timer == TIMER_TIME_WAIT => Lookup::TimeWait {
                 substate: Substate::from_tcp_state(s.state),
                 remaining_ms: s.expires_ms,
+                cookie: s.cookie,
             },
             Some(_) => Lookup::Open,
             None => Lookup::Gone,

@@ -105,6 +105,7 @@ impl Sweep {
         if !self.filters.matches_conn(conn) || !self.filters.matches_process(Some(&closer)) {
             return Outcome::Forget;
         }
+        let mut key = TwKey::Cookie(cookie);
         let (recovered, substate, ts_ns, ends_ns) = match found {
             Lookup::Open => {
                 let delay = self
@@ -117,7 +118,13 @@ impl Sweep {
             Lookup::TimeWait {
                 substate,
                 remaining_ms,
+                cookie: found,
             } => {
+                // Its end will carry the cookie it has now (assigned by the lookup when the
+                // entry's key was a 4-tuple hash).
+                if found != 0 {
+                    key = TwKey::Cookie(found);
+                }
                 let remaining = u64::from(remaining_ms) * 1_000_000;
                 // A TIME_WAIT is armed for 60 s; how long a FIN_WAIT2 one was armed for is
                 // unknown, so it counts from the close.
@@ -145,7 +152,7 @@ impl Sweep {
         Outcome::Report(Box::new(Event::TwEnter(TwEnter {
             ts_ns,
             cpu: 0,
-            key: TwKey::Cookie(cookie),
+            key,
             conn: *conn,
             closer: Some(closer),
             role: Role::from_raw(c.role),
@@ -332,6 +339,7 @@ mod tests {
         let found = Lookup::TimeWait {
             substate: Substate::TimeWait,
             remaining_ms: 57_000,
+            cookie: 9,
         };
         let t = enter(s.outcome(9, &c, &conn(), found, 13 * S + S / 2));
         assert_eq!(t.recovered, Some(Recovered::Alive));
@@ -346,6 +354,22 @@ mod tests {
         // Never before the close itself.
         let t = enter(s.outcome(9, &c, &conn(), found, 12 * S));
         assert_eq!(t.ts_ns, 10 * S);
+    }
+
+    #[test]
+    fn a_four_tuple_key_takes_the_cookie_the_lookup_found() {
+        // Kernels without the cookie helper key closes by a 4-tuple hash; the TIME_WAIT's
+        // later events carry the cookie the lookup assigned.
+        let mut s = Sweep::new(250, Filters::default());
+        let c = closing(10 * S, CLOSER_SET, 42);
+        let key = twtrace_ebpf::SYNTHETIC_KEY | 0x1234;
+        let found = Lookup::TimeWait {
+            substate: Substate::TimeWait,
+            remaining_ms: 57_000,
+            cookie: 77,
+        };
+        let t = enter(s.outcome(key, &c, &conn(), found, 13 * S));
+        assert_eq!(t.key, TwKey::Cookie(77));
     }
 
     #[test]
@@ -389,6 +413,7 @@ mod tests {
         let found = Lookup::TimeWait {
             substate: Substate::TimeWait,
             remaining_ms: 59_000,
+            cookie: 9,
         };
         let c = closing(S, CLOSER_SET, 42);
         assert_eq!(

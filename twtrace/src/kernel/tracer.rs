@@ -14,7 +14,7 @@ use aya::{
 use twtrace_ebpf::{Config, Filter, counter};
 
 use super::{
-    btf::{BtfError, KernelBtf},
+    btf::{BtfError, KernelBtf, Resolved},
     kallsyms::{self, KallsymsError},
     tracefs,
 };
@@ -82,7 +82,7 @@ pub enum TracerError {
     #[error("loading twtrace's eBPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
     #[error(
-        "the kernel refused twtrace's program for tracepoint {hook} ({reason}); twtrace needs BTF tracepoints (tp_btf, Linux 5.5+); `twtrace -vv check` shows the verifier's log"
+        "the kernel refused twtrace's program for tracepoint {hook} ({reason}); `twtrace check -vv` shows the verifier's log"
     )]
     Attach { hook: &'static str, reason: String },
     #[error("eBPF object has no {0}: the build is broken")]
@@ -167,20 +167,34 @@ const WAKEUP_DIVISOR: u64 = 16;
 pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 const DEFAULT_RING_BYTES: u32 = 8 << 20;
 
-pub fn kernel_config(opts: &TracerOptions) -> Result<Config, TracerError> {
+/// What twtrace resolved from the running kernel: the programs' configuration and what this
+/// kernel lacks.
+#[derive(Clone, Debug)]
+pub struct KernelSetup {
+    pub config: Config,
+    pub resolved: Resolved,
+    /// Why bind() failures cannot be seen, when they cannot.
+    pub bind_missing: Option<String>,
+}
+
+pub fn kernel_config(opts: &TracerOptions) -> Result<KernelSetup, TracerError> {
     let btf = KernelBtf::load(Path::new(BTF_PATH))?;
     let syms = kallsyms::lookup(&["tw_timer_handler", "reqsk_timer_handler"])?;
-    let mut off = btf.offsets()?;
-    // The bind() hooks need tracefs; without it twtrace still traces TIME_WAIT.
-    match bind_record_offsets() {
-        Ok((fd, addr, ret)) => {
+    let resolved = btf.resolve()?;
+    let mut off = resolved.off;
+    // The bind() hooks need tracefs and their BTF offsets; without them twtrace still traces
+    // TIME_WAIT.
+    let bind_missing = match (&resolved.bind_missing, bind_record_offsets()) {
+        (Some(why), _) => Some(why.clone()),
+        (None, Err(e)) => Some(e.to_string()),
+        (None, Ok((fd, addr, ret))) => {
             off.tp_bind_fd = fd;
             off.tp_bind_addr = addr;
             off.tp_exit_ret = ret;
+            None
         }
-        Err(e) => log::warn!("bind() failures will not be seen: {e}"),
-    }
-    Ok(Config {
+    };
+    let config = Config {
         tw_timer_handler: syms["tw_timer_handler"],
         reqsk_timer_handler: syms["reqsk_timer_handler"],
         off,
@@ -188,7 +202,30 @@ pub fn kernel_config(opts: &TracerOptions) -> Result<Config, TracerError> {
         wakeup_bytes: u64::from(opts.ring_bytes.unwrap_or(DEFAULT_RING_BYTES)) / WAKEUP_DIVISOR,
         self_pid: std::process::id(),
         verbose: opts.verbose as u32,
+        features: resolved.features,
+        tw_count_bias: resolved.tw_count_bias,
+    };
+    Ok(KernelSetup {
+        config,
+        resolved,
+        bind_missing,
     })
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup):
+/// lift it for twtrace's maps. Where it cannot be raised, the kernel's refusal says so.
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass and nothing else.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!(
+            "cannot raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 fn bind_record_offsets() -> Result<(u32, u32, u32), tracefs::TracefsError> {
@@ -211,6 +248,7 @@ pub struct Tracer {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
     passive_closes: PerCpuHashMap<MapData, u32, u64>,
+    degraded: Vec<String>,
     _logger: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -219,7 +257,9 @@ impl Tracer {
     /// the ring buffer its events arrive on.
     pub fn start(opts: &TracerOptions) -> Result<(Self, RingBuf<MapData>), TracerError> {
         preflight()?;
-        let config = kernel_config(opts)?;
+        let setup = kernel_config(opts)?;
+        let config = setup.config;
+        raise_memlock();
         let btf = Btf::from_sys_fs().map_err(|_| TracerError::NoBtf)?;
         let mut loader = EbpfLoader::new();
         loader
@@ -237,13 +277,18 @@ impl Tracer {
         for hook in HOOKS {
             attach_btf(&mut ebpf, &btf, hook.program, hook.tracepoint)?;
         }
-        if config.off.tp_bind_addr != 0 {
+        let mut bind_missing = setup.bind_missing.clone();
+        if bind_missing.is_none() {
             for &(program, event, _) in BIND_HOOKS {
                 if let Err(e) = attach_syscall(&mut ebpf, program, event) {
-                    log::warn!("bind() failures will not be seen: {e}");
+                    bind_missing = Some(e.to_string());
                     break;
                 }
             }
+        }
+        let degraded = super::capability::degraded(&setup.resolved, bind_missing.as_deref());
+        for d in &degraded {
+            log::warn!("{d}");
         }
         let ring = RingBuf::try_from(
             ebpf.take_map("EVENTS")
@@ -261,13 +306,18 @@ impl Tracer {
         )
         .map_err(|e| TracerError::Map("PASSIVE_CLOSES", e))?;
         // Loading parsed the kernel's BTF (megabytes, now freed): hand that memory back rather
-        // than keep it resident for the whole run.
-        unsafe { libc::malloc_trim(0) };
+        // than keep it resident for the whole run. (glibc only; musl returns freed memory.)
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only walks the allocator's own free lists.
+        unsafe {
+            libc::malloc_trim(0)
+        };
         Ok((
             Self {
                 ebpf,
                 counters,
                 passive_closes,
+                degraded,
                 _logger: logger,
             },
             ring,
@@ -284,6 +334,11 @@ impl Tracer {
                 .ok_or(TracerError::Missing("CONNS"))?,
         )
         .map_err(|e| TracerError::Map("CONNS", e))
+    }
+
+    /// What this kernel cannot show, one line each (empty where nothing is missing).
+    pub fn degraded(&self) -> &[String] {
+        &self.degraded
     }
 
     /// Passive closes (LAST_ACK->CLOSE) so far, per network namespace.
