@@ -31,7 +31,7 @@ struct Setup {
 }
 
 /// What must not change about the target.
-#[derive(Debug, PartialEq)]
+#[derive(PartialEq)]
 struct Snapshot {
     data: Vec<u8>,
     mode: u32,
@@ -40,6 +40,23 @@ struct Snapshot {
     ino: u64,
     nlink: u64,
     mtime: (i64, i64),
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let head = String::from_utf8_lossy(&self.data[..self.data.len().min(40)]);
+        write!(
+            f,
+            "{} bytes {head:?}..., mode {:o}, owner {}:{}, inode {}, {} links, mtime {:?}",
+            self.data.len(),
+            self.mode,
+            self.uid,
+            self.gid,
+            self.ino,
+            self.nlink,
+            self.mtime
+        )
+    }
 }
 
 impl Setup {
