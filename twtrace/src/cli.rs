@@ -102,9 +102,14 @@ pub struct CheckArgs {
 pub struct RecordArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
-    /// The trace file to write (zstd-compressed NDJSON; created 0600).
+    /// The trace file to write (zstd-compressed NDJSON; created 0600, never through a
+    /// symbolic link). An existing file is refused unless --force.
     #[arg(short, long, value_name = "FILE")]
     pub output: std::path::PathBuf,
+    /// Replace FILE if it exists: a new file is renamed over it (a symbolic link is still
+    /// refused).
+    #[arg(long)]
+    pub force: bool,
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod output;
 pub mod record;
 pub mod report;
+pub mod safe_file;
 pub mod source;
 pub mod stats;
 

@@ -45,8 +45,23 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("twtrace: {}", one_line(&e));
-            ExitCode::FAILURE
+            exit_code(&e)
         }
+    }
+}
+
+/// 2 for what the user can correct on the command line (as clap's usage errors), else 1.
+fn exit_code(e: &anyhow::Error) -> ExitCode {
+    let usage = e.chain().any(|c| {
+        c.downcast_ref::<twtrace::record::RecordError>()
+            .is_some_and(|e| e.is_usage())
+            || c.downcast_ref::<twtrace::safe_file::SafeFileError>()
+                .is_some_and(|e| e.is_usage())
+    });
+    if usage {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -80,5 +95,24 @@ mod tests {
         assert_eq!(one_line(&e), "/x.twt: No such file");
         let e = anyhow::anyhow!("disk full").context("writing /x.twt");
         assert_eq!(one_line(&e), "writing /x.twt: disk full");
+    }
+
+    #[test]
+    fn a_refused_output_path_is_a_usage_error() {
+        use twtrace::{record::RecordError, safe_file::SafeFileError};
+        let e = anyhow::Error::new(RecordError::from(SafeFileError::Exists {
+            path: "out.twt".into(),
+        }));
+        assert_eq!(
+            one_line(&e),
+            "out.twt exists: choose another path, or pass --force to replace it"
+        );
+        assert_eq!(super::exit_code(&e), std::process::ExitCode::from(2));
+        let io = std::io::Error::other("disk full");
+        let e = anyhow::Error::new(RecordError::from(SafeFileError::Io {
+            path: "out.twt".into(),
+            source: io,
+        }));
+        assert_eq!(super::exit_code(&e), std::process::ExitCode::FAILURE);
     }
 }

@@ -15,15 +15,17 @@
 //!   dependency and leave jq out.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, File},
     io::{self, Write},
-    os::unix::fs::{OpenOptionsExt, chown},
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Event, NetnsSettings};
+use crate::{
+    event::{Event, NetnsSettings},
+    safe_file::{Existing, Owner, SafeFileError, Target},
+};
 
 pub const FORMAT: &str = "twtrace-trace";
 pub const VERSION: u32 = 1;
@@ -83,6 +85,15 @@ pub enum RecordError {
     NotATrace { path: String, why: String },
     #[error("{path}: trace format version {found} is newer than this twtrace reads ({VERSION})")]
     Version { path: String, found: u32 },
+    #[error(transparent)]
+    File(#[from] SafeFileError),
+}
+
+impl RecordError {
+    /// The user can correct it (another output path, --force).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::File(e) if e.is_usage())
+    }
 }
 
 fn io_err(path: &Path) -> impl Fn(io::Error) -> RecordError + '_ {
@@ -104,28 +115,45 @@ pub struct Rotation {
 /// Writes a trace file, one zstd frame per [`Recorder::flush`].
 pub struct Recorder {
     path: PathBuf,
+    /// The file's directory, opened once: rotation renames within it.
+    target: Target,
     header: Header,
     file: File,
     written: u64,
     buf: Vec<u8>,
     compressor: zstd::bulk::Compressor<'static>,
     rotation: Rotation,
-    owner: Option<(u32, u32)>,
+    owner: Owner,
     pub events: u64,
     pub bytes: u64,
 }
 
 impl Recorder {
-    /// Creates (truncates) `path`, mode 0600, owned by the invoking user under sudo.
-    pub fn create(path: &Path, header: Header, rotation: Rotation) -> Result<Self, RecordError> {
+    /// Whether [`Recorder::create`] would refuse `path` now: lets `record` say so before it
+    /// attaches to the kernel.
+    pub fn check(path: &Path, existing: Existing) -> Result<(), RecordError> {
+        Ok(Target::new(path)?.check(existing)?)
+    }
+
+    /// Creates `path`, mode 0600, owned by the invoking user under sudo (see
+    /// [`crate::safe_file`]): refuses an existing file, or replaces it atomically with
+    /// [`Existing::Replace`]; never writes through a symbolic link.
+    pub fn create(
+        path: &Path,
+        existing: Existing,
+        header: Header,
+        rotation: Rotation,
+    ) -> Result<Self, RecordError> {
         let owner = sudo_owner();
+        let target = Target::new(path)?;
         let mut compressor = zstd::bulk::Compressor::new(LEVEL).map_err(io_err(path))?;
         compressor
             .set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
             .map_err(io_err(path))?;
         let mut r = Self {
             path: path.to_path_buf(),
-            file: open_new(path, owner)?,
+            file: target.create(existing, owner)?,
+            target,
             header,
             written: 0,
             buf: Vec::with_capacity(1 << 20),
@@ -176,17 +204,7 @@ impl Recorder {
     }
 
     fn rotate(&mut self) -> Result<(), RecordError> {
-        let name = |i: u32| PathBuf::from(format!("{}.{i}", self.path.display()));
-        if self.rotation.keep == 0 {
-            fs::remove_file(&self.path).map_err(io_err(&self.path))?;
-        } else {
-            let _ = fs::remove_file(name(self.rotation.keep));
-            for i in (1..self.rotation.keep).rev() {
-                let _ = fs::rename(name(i), name(i + 1));
-            }
-            fs::rename(&self.path, name(1)).map_err(io_err(&self.path))?;
-        }
-        self.file = open_new(&self.path, self.owner)?;
+        self.file = self.target.rotate(self.rotation.keep, self.owner)?;
         self.written = 0;
         self.write_header()
     }
@@ -198,25 +216,16 @@ impl Drop for Recorder {
     }
 }
 
-fn open_new(path: &Path, owner: Option<(u32, u32)>) -> Result<File, RecordError> {
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
-    if let Some((uid, gid)) = owner {
-        chown(path, Some(uid), Some(gid)).map_err(io_err(path))?;
-    }
-    Ok(f)
-}
-
-/// The user who ran `sudo twtrace`, so the recording is theirs.
-fn sudo_owner() -> Option<(u32, u32)> {
-    let uid = std::env::var("SUDO_UID").ok()?.parse().ok()?;
-    let gid = std::env::var("SUDO_GID").ok()?.parse().ok()?;
-    Some((uid, gid))
+/// The user who ran `sudo twtrace`, so the recording is theirs (set through the fd).
+fn sudo_owner() -> Owner {
+    let id = |var| {
+        std::env::var(var)
+            .ok()?
+            .parse::<u32>()
+            .ok()
+            .filter(|&n| n != u32::MAX)
+    };
+    Some((id("SUDO_UID")?, id("SUDO_GID")?))
 }
 
 /// A trace file read back, with what had to be skipped.
@@ -468,6 +477,7 @@ mod tests {
     fn write(path: &Path, seconds: u64) -> Vec<Event> {
         let mut r = Recorder::create(
             path,
+            Existing::Refuse,
             header(),
             Rotation {
                 max_bytes: 0,
@@ -511,7 +521,7 @@ mod tests {
         let p = tmp("trunc.twt");
         let written = write(&p, 5);
         let len = fs::metadata(&p).unwrap().len();
-        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
         f.set_len(len - 7).unwrap();
         let t = read(&p).unwrap();
         assert_eq!(
@@ -547,6 +557,7 @@ mod tests {
         let p = tmp("rot.twt");
         let mut r = Recorder::create(
             &p,
+            Existing::Refuse,
             header(),
             Rotation {
                 max_bytes: 1,

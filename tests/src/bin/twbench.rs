@@ -159,7 +159,7 @@ fn start_tracer(name: &str, out: &Path) -> anyhow::Result<Option<Running>> {
         "record" => {
             spawn_ready(
                 Command::new(twtrace_bin())
-                    .args(["record", "-o"])
+                    .args(["record", "--force", "-o"])
                     .arg(out.join("bench-record.twt")),
                 "recording TIME_WAIT",
             )?
@@ -421,7 +421,7 @@ fn recording(o: &Opts) -> anyhow::Result<Value> {
     let file = o.out.join("bench-rec.twt");
     let (c, rest) = spawn_ready(
         Command::new(twtrace_bin())
-            .args(["record", "--netns", &ns.name, "-o"])
+            .args(["record", "--force", "--netns", &ns.name, "-o"])
             .arg(&file),
         "recording TIME_WAIT",
     )?;
@@ -465,6 +465,7 @@ fn report_time(o: &Opts) -> anyhow::Result<Value> {
     let header = Header::new("bench", 250);
     let mut rec = Recorder::create(
         &file,
+        twtrace::safe_file::Existing::Replace,
         header,
         Rotation {
             max_bytes: 0,

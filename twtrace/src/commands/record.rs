@@ -11,6 +11,7 @@ use twtrace::{
     kernel::{hz, netns, settings},
     output::{TimeBase, json},
     record::{Header, Recorder, Rotation},
+    safe_file::Existing,
     source::LiveSource,
 };
 
@@ -22,6 +23,13 @@ use super::{
 pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
     let filters = args.filter.filters()?;
     let ring = super::ring_bytes(args.ring_mib)?;
+    let existing = if args.force {
+        Existing::Replace
+    } else {
+        Existing::Refuse
+    };
+    // Refuse the output path before attaching (create checks again as it creates).
+    Recorder::check(&args.output, existing)?;
     let mut source = LiveSource::start(&filters, verbose, ring, !args.no_existing)?;
     let hz = hz();
     let header = Header {
@@ -35,6 +43,7 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
     };
     let mut rec = Recorder::create(
         &args.output,
+        existing,
         header,
         Rotation {
             max_bytes: args.max_size.unwrap_or(0),
