@@ -10,7 +10,7 @@ use twtrace::{
     kernel::{
         btf::KernelBtf,
         capability::{self, Status},
-        config_hz, netns,
+        config_hz, netns, sock_diag,
         tracer::{self, BTF_PATH, Tracer, TracerOptions},
     },
 };
@@ -25,7 +25,12 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
     let hz = config_hz();
     let reachable = netns::enumerate().len();
     let attach = Tracer::start(&TracerOptions::default()).map(drop);
-    let caps = capability::capabilities(&setup.resolved, setup.bind_missing.as_deref());
+    let sock_diag = sock_diag::probe().err().map(|e| e.to_string());
+    let caps = capability::capabilities(
+        &setup.resolved,
+        setup.bind_missing.as_deref(),
+        sock_diag.as_deref(),
+    );
     let variants = capability::variants(&setup.resolved);
     if args.json {
         let doc = json!({

@@ -69,11 +69,20 @@ fn why(r: &Resolved, f: u32) -> String {
         .unwrap_or_default()
 }
 
-/// Every capability, for this kernel. `bind_missing`: why bind() cannot be traced, if not.
-pub fn capabilities(r: &Resolved, bind_missing: Option<&str>) -> Vec<Capability> {
+/// Every capability, for this kernel. `bind_missing`: why bind() cannot be traced, if not;
+/// `sock_diag`: why the kernel's socket lists cannot be read, if not.
+pub fn capabilities(
+    r: &Resolved,
+    bind_missing: Option<&str>,
+    sock_diag: Option<&str>,
+) -> Vec<Capability> {
     use Status::*;
     let on = |f: u32| r.features & f != 0;
     let cap = |name, status| Capability { name, status };
+    let diag = || match sock_diag {
+        None => Available,
+        Some(w) => Missing(format!("sock_diag: {w} (load the tcp_diag module)")),
+    };
     vec![
         cap(
             "TIME_WAIT lifecycle (start, re-arm, end, lifetime)",
@@ -127,20 +136,17 @@ pub fn capabilities(r: &Resolved, bind_missing: Option<&str>) -> Vec<Capability>
                 Some(w) => Missing(w.to_string()),
             },
         ),
-        cap(
-            "start-up scan of existing TIME_WAITs (sock_diag)",
-            Available,
-        ),
+        cap("start-up scan of existing TIME_WAITs (sock_diag)", diag()),
         cap(
             "sweep for starts and ends no program saw (sock_diag)",
-            Available,
+            diag(),
         ),
     ]
 }
 
 /// One line for each capability that is not fully available.
-pub fn degraded(r: &Resolved, bind_missing: Option<&str>) -> Vec<String> {
-    capabilities(r, bind_missing)
+pub fn degraded(r: &Resolved, bind_missing: Option<&str>, sock_diag: Option<&str>) -> Vec<String> {
+    capabilities(r, bind_missing, sock_diag)
         .into_iter()
         .filter_map(|c| match c.status {
             Status::Available => None,
@@ -177,15 +183,15 @@ mod tests {
     #[test]
     fn a_full_kernel_degrades_nothing() {
         let r = resolved(15);
-        assert!(degraded(&r, None).is_empty());
-        assert_eq!(capabilities(&r, None).len(), 13);
+        assert!(degraded(&r, None, None).is_empty());
+        assert_eq!(capabilities(&r, None, None).len(), 13);
     }
 
     #[test]
     fn each_missing_feature_degrades_its_capability_alone() {
         // A 5.10-like kernel: no cookie helper, no TIME_WAIT RST trace.
         let r = resolved(feature::NETNS_REFCOUNT | feature::TW_BUCKETS);
-        let d = degraded(&r, Some("tracefs is not mounted"));
+        let d = degraded(&r, Some("tracefs is not mounted"), None);
         assert_eq!(d.len(), 2, "{d:?}");
         assert_eq!(
             d[0],
@@ -199,9 +205,16 @@ mod tests {
             "missing on this kernel: failed bind (EADDRINUSE): tracefs is not mounted"
         );
         let r = resolved(15 & !feature::TW_BUCKETS);
-        let d = degraded(&r, None);
+        let d = degraded(&r, None, None);
         assert_eq!(d.len(), 1);
         assert!(d[0].starts_with("missing on this kernel: overflow"));
+    }
+
+    #[test]
+    fn without_sock_diag_the_scan_and_the_sweep_are_missing() {
+        let d = degraded(&resolved(15), None, Some("No such file or directory"));
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(d.iter().all(|l| l.contains("load the tcp_diag module")));
     }
 
     #[test]

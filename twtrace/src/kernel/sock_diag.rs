@@ -85,6 +85,14 @@ pub fn time_waits_in(path: &Path, netns: u32) -> io::Result<Vec<TwExisting>> {
     })
 }
 
+/// Whether sock_diag answers for TCP here (it is a module, tcp_diag, on many distributions'
+/// kernels): the start-up scan and the sweep depend on it. `Err` says why not.
+pub fn probe() -> io::Result<()> {
+    let path = Path::new("/proc/self/ns/net");
+    let inode = std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::ino(&m))?;
+    time_waits_in(path, inode as u32).map(drop)
+}
+
 /// The TIME_WAIT sockets of every namespace twtrace can reach (optionally only one).
 pub fn snapshot(only: Option<u32>) -> Vec<TwExisting> {
     netns::enumerate()

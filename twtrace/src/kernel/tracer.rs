@@ -75,6 +75,10 @@ pub enum TracerError {
         "this kernel has no BTF ({BTF_PATH} is missing): twtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (Linux 5.8 or later)"
     )]
     NoBtf,
+    #[error(
+        "this kernel has no BPF ring buffer (Linux 5.8 or later has one): twtrace cannot trace here; `twtrace report` still reads recordings made elsewhere"
+    )]
+    NoRingBuf,
     #[error("{0}")]
     Btf(#[from] BtfError),
     #[error("{0}")]
@@ -180,6 +184,9 @@ pub struct KernelSetup {
 pub fn kernel_config(opts: &TracerOptions) -> Result<KernelSetup, TracerError> {
     let btf = KernelBtf::load(Path::new(BTF_PATH))?;
     let syms = kallsyms::lookup(&["tw_timer_handler", "reqsk_timer_handler"])?;
+    if !btf.has_func("bpf_ringbuf_output") {
+        return Err(TracerError::NoRingBuf);
+    }
     let resolved = btf.resolve()?;
     let mut off = resolved.off;
     // The bind() hooks need tracefs and their BTF offsets; without them twtrace still traces
@@ -286,7 +293,12 @@ impl Tracer {
                 }
             }
         }
-        let degraded = super::capability::degraded(&setup.resolved, bind_missing.as_deref());
+        let sock_diag = super::sock_diag::probe().err().map(|e| e.to_string());
+        let degraded = super::capability::degraded(
+            &setup.resolved,
+            bind_missing.as_deref(),
+            sock_diag.as_deref(),
+        );
         for d in &degraded {
             log::warn!("{d}");
         }
