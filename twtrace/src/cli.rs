@@ -62,10 +62,10 @@ pub struct LiveArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
     /// Seconds between refreshes.
-    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_interval)]
     pub interval: f64,
     /// Stop after this many seconds.
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub duration: Option<f64>,
     /// Kernel ring buffer size in MiB (a power of two).
     #[arg(long, value_name = "MIB", default_value_t = 8)]
@@ -111,7 +111,7 @@ pub struct RecordArgs {
     #[arg(long)]
     pub force: bool,
     /// Stop after this many seconds.
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub duration: Option<f64>,
     /// Start a new file once this much is written (e.g. 100M, 2G); the old one becomes FILE.1.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -162,7 +162,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MIB", default_value_t = 8)]
     pub ring_mib: u32,
     /// Stop after this many seconds.
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub duration: Option<f64>,
 }
 
@@ -171,10 +171,10 @@ pub struct ReplayArgs {
     /// The recording.
     pub file: std::path::PathBuf,
     /// Playback speed: 2 is twice as fast as it happened.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = parse_speed)]
     pub speed: f64,
     /// Seconds between refreshes (of playback time).
-    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_interval)]
     pub interval: f64,
 }
 
@@ -193,15 +193,71 @@ pub struct CompareArgs {
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&s[..i], 1 << 10),
+        Some((i, 'k' | 'K')) => (&s[..i], 1u64 << 10),
         Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
         Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
         _ => (s, 1),
     };
-    num.trim()
-        .parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|_| format!("{s:?} is not a size like 100M or 2G"))
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 100M or 2G"))?;
+    match n.checked_mul(mult) {
+        Some(b) if (1..=MAX_SIZE).contains(&b) => Ok(b),
+        _ => Err(format!("{s:?} is not between 1 and 1024G")),
+    }
+}
+
+/// The largest `--max-size`: far beyond any disk a recording rotates on.
+const MAX_SIZE: u64 = 1 << 40;
+/// Ten years: longer than any run, and within what a timer can hold.
+const MAX_SECS: f64 = 10.0 * 365.0 * 86_400.0;
+
+fn number(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a number")),
+    }
+}
+
+/// `--duration`: seconds, more than 0 and at most ten years.
+pub fn parse_secs(s: &str) -> Result<f64, String> {
+    let v = number(s)?;
+    if v > 0.0 && v <= MAX_SECS {
+        Ok(v)
+    } else {
+        Err(format!("{s} is not between 0 and {MAX_SECS} seconds"))
+    }
+}
+
+/// `--interval`: seconds between refreshes, 0.05 to 3600.
+pub fn parse_interval(s: &str) -> Result<f64, String> {
+    let v = number(s)?;
+    if (0.05..=3600.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s} is not between 0.05 and 3600 seconds"))
+    }
+}
+
+/// `--speed`: a playback factor, 0.01 to 1000000.
+pub fn parse_speed(s: &str) -> Result<f64, String> {
+    let v = number(s)?;
+    if (0.01..=1e6).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s} is not between 0.01 and 1000000"))
+    }
+}
+
+/// `--pressure-pct`: a share of the ports, 0 to 100.
+pub fn parse_pct(s: &str) -> Result<f64, String> {
+    let v = number(s)?;
+    if (0.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s} is not between 0 and 100"))
+    }
 }
 
 /// "30s", "5m", "1h", "250ms" -> nanoseconds.
@@ -271,7 +327,7 @@ pub struct TraceArgs {
     #[arg(long)]
     pub json: bool,
     /// Stop after this many seconds.
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub duration: Option<f64>,
     /// Skip the start-up scan for TIME_WAITs that already exist.
     #[arg(long)]
@@ -280,13 +336,41 @@ pub struct TraceArgs {
     #[arg(long, value_name = "MIB", default_value_t = 8)]
     pub ring_mib: u32,
     /// Every 10 s, print destinations whose local ports are at least this % held.
-    #[arg(long, value_name = "PCT", default_value_t = 50.0)]
+    #[arg(long, value_name = "PCT", default_value_t = 50.0, value_parser = parse_pct)]
     pub pressure_pct: f64,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_out_of_range_are_refused_not_panicked_on() {
+        for bad in ["inf", "nan", "-1", "0", "1e300", "x"] {
+            assert!(parse_secs(bad).is_err(), "--duration {bad}");
+        }
+        assert_eq!(parse_secs("2.5"), Ok(2.5));
+        for bad in ["0", "nan", "inf", "0.01", "4000"] {
+            assert!(parse_interval(bad).is_err(), "--interval {bad}");
+        }
+        assert_eq!(parse_interval("0.5"), Ok(0.5));
+        assert!(parse_speed("0").is_err() && parse_speed("nan").is_err());
+        assert!(parse_pct("101").is_err() && parse_pct("-inf").is_err());
+        assert!(parse_size("99999999999G").is_err());
+        assert!(parse_size("0").is_err());
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        // Through clap: one line and exit status 2.
+        use clap::Parser as _;
+        for argv in [
+            &["twtrace", "trace", "--duration", "inf"][..],
+            &["twtrace", "--interval", "nan"],
+            &["twtrace", "replay", "x.twt", "--interval", "0"],
+            &["twtrace", "record", "-o", "x", "--max-size", "99999999999G"],
+        ] {
+            let e = Cli::try_parse_from(argv).expect_err("refused");
+            assert_eq!(e.exit_code(), 2, "{argv:?}");
+        }
+    }
 
     #[test]
     fn sizes_and_offsets() {
