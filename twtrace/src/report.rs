@@ -145,6 +145,9 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
         }
     };
 
+    /// Seconds stepped one at a time across a gap between events: past every TIME_WAIT's
+    /// timer, a tick changes nothing more.
+    const MAX_IDLE_TICKS: u64 = 3600;
     for (_, trace) in traces {
         for ev in trace.events() {
             let ts = ev.ts_ns();
@@ -160,16 +163,31 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
             last = last.max(ts);
             clock.set(last);
             if next_tick == 0 {
-                next_tick = ts - ts % SECOND + SECOND;
+                next_tick = (ts - ts % SECOND).saturating_add(SECOND);
                 next_sample = ts + PRESSURE_SAMPLE_NS;
             }
+            let mut steps = 0;
             while ts >= next_tick {
                 agg.tick();
                 let n = agg.alive_count();
                 alive_peak = alive_peak.max(n);
                 alive_sum += n as u64;
                 alive_samples += 1;
-                next_tick += SECOND;
+                next_tick = next_tick.saturating_add(SECOND);
+                steps += 1;
+                if next_tick == u64::MAX {
+                    break;
+                }
+                if steps == MAX_IDLE_TICKS && ts >= next_tick {
+                    // A gap longer than any TIME_WAIT (or a damaged timestamp): nothing is
+                    // left to expire second by second, so the rest of it is one step.
+                    let rest = (ts - next_tick) / SECOND + 1;
+                    agg.tick();
+                    let n = agg.alive_count() as u64;
+                    alive_sum += n * rest;
+                    alive_samples += rest;
+                    next_tick = next_tick.saturating_add(rest.saturating_mul(SECOND));
+                }
             }
             if ts >= next_sample {
                 sample(&agg, &mut peaks);
@@ -358,6 +376,19 @@ mod tests {
                 warnings: vec![],
             },
         )
+    }
+
+    #[test]
+    fn a_timestamp_at_the_end_of_time_is_not_stepped_through() {
+        // A damaged or hostile recording: one event at u64::MAX ns (584 years in).
+        let evs = vec![
+            enter(TwKey::Cookie(1), SECOND, Substate::TimeWait),
+            end(TwKey::Cookie(1), u64::MAX, EndReason::Expired),
+        ];
+        let started = std::time::Instant::now();
+        let r = build(&[trace(evs)], &Filters::default(), Window::default());
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(r.totals.entered, 1);
     }
 
     #[test]

@@ -14,7 +14,8 @@ const BUCKETS: usize = 40 * SUB as usize;
 /// sum, min and max; quantiles to within one bucket (~9%).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogHistogram {
-    counts: Box<[u32; BUCKETS]>,
+    /// u64: at a million TIME_WAITs a second a bucket fills for 500,000 years.
+    counts: Box<[u64; BUCKETS]>,
     pub count: u64,
     pub sum_us: u64,
     pub min_us: u64,
@@ -92,7 +93,7 @@ impl LogHistogram {
         let rank = (q * self.count as f64).ceil().max(1.0) as u64;
         let mut seen = 0u64;
         for (i, &c) in self.counts.iter().enumerate() {
-            seen += u64::from(c);
+            seen += c;
             if seen >= rank {
                 // The bucket's middle, kept within what was actually seen.
                 let (lo, hi) = (lower(i), lower(i + 1).max(lower(i) + 1));
@@ -105,7 +106,7 @@ impl LogHistogram {
     }
 
     /// (upper bound in ms, count) for each non-empty bucket, in order: for drawing.
-    pub fn buckets_ms(&self) -> impl Iterator<Item = (f64, u32)> + '_ {
+    pub fn buckets_ms(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
         self.counts
             .iter()
             .enumerate()
