@@ -760,3 +760,43 @@ fn prometheus_scrapes_twtrace_with_bounded_cardinality() {
     assert_eq!(result[0]["metric"]["comm"], "twload");
     assert_eq!(result[0]["metric"]["job"], "twtrace");
 }
+
+/// A process that names itself with escape sequences and a newline (PR_SET_NAME) cannot
+/// reach the terminal through twtrace: the text view and JSON show the escaped name.
+#[test]
+fn a_hostile_comm_is_escaped_in_every_view() {
+    if !can_run() {
+        return;
+    }
+    let mut ns = Netns::new("comm");
+    let hostile = "\x1b[2J\x1b]0;X\x07\nZ";
+    let text = std::process::Command::new(twtrace_integration::twtrace_bin())
+        .args(["trace", "--netns", &ns.name, "--duration", "6"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("twtrace trace");
+    let t = Trace::start(&ns, &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    let load = ns.twload(&["--comm", hostile, "client-first"]);
+    // Purged with its namespace: the TIME_WAIT ends now rather than in 60 s.
+    ns.delete();
+    let recs = t.wait_for("the TIME_WAIT", WAIT, |r| {
+        !with_port(r, "time_wait", port(&load)).is_empty()
+    });
+    let r = with_port(&recs, "time_wait", port(&load))[0];
+    assert_eq!(r["comm"], "\\x1b[2J\\x1b]0;X\\x07\\nZ", "{r}");
+    t.stop();
+    // The text view ends on its own (--duration): every byte it printed.
+    let out = text.wait_with_output().expect("text view");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("\\x1b[2J"), "{stdout}");
+    for s in [&stdout, &stderr] {
+        assert!(
+            !s.chars().any(|c| c.is_control() && c != '\n'),
+            "a control character reached the terminal: {s:?}"
+        );
+        assert!(!s.contains("\nZ"), "a forged line: {s:?}");
+    }
+}

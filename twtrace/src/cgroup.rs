@@ -66,7 +66,8 @@ impl CgroupNames {
                 continue;
             };
             let rel = dir.strip_prefix(&self.root).unwrap_or(Path::new(""));
-            self.by_id.insert(meta.ino(), format!("/{}", rel.display()));
+            let path = crate::text::printable_bytes(rel.as_os_str().as_encoded_bytes());
+            self.by_id.insert(meta.ino(), format!("/{path}"));
             if let Ok(rd) = fs::read_dir(&dir) {
                 stack.extend(
                     rd.flatten()

@@ -199,7 +199,7 @@ pub fn shared_comm(name: &[u8]) -> Arc<str> {
         k[..name.len()].copy_from_slice(name);
         k
     }) else {
-        return String::from_utf8_lossy(name).into();
+        return crate::text::printable_bytes(name).into();
     };
     COMMS.with_borrow_mut(|cache| {
         if let Some(c) = cache.get(&key) {
@@ -208,7 +208,7 @@ pub fn shared_comm(name: &[u8]) -> Arc<str> {
         if cache.len() >= COMM_CACHE_MAX {
             cache.clear();
         }
-        let c: Arc<str> = String::from_utf8_lossy(name).into();
+        let c: Arc<str> = crate::text::printable_bytes(name).into();
         cache.insert(key, c.clone());
         c
     })

@@ -22,6 +22,7 @@ pub mod report;
 pub mod safe_file;
 pub mod source;
 pub mod stats;
+pub mod text;
 
 /// The maps the per-event path touches. foldhash: their keys are kernel-made (cookies,
 /// addresses, pids), and SipHash was a visible share of the reader's time at high churn.

@@ -53,7 +53,14 @@ fn report(fields: serde_json::Value) {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // `--comm NAME` first: the process renames itself (PR_SET_NAME), hostile names included.
+    if args.first().map(String::as_str) == Some("--comm") && args.len() >= 2 {
+        let name = std::ffi::CString::new(args[1].clone()).context("--comm")?;
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+        args.drain(..2);
+    }
     let scenario = args.first().map(String::as_str).unwrap_or("");
     let server = args.get(1).map(String::as_str).unwrap_or(SERVER);
     match scenario {
