@@ -391,7 +391,7 @@ impl ViewState {
                 .iter()
                 .position(|(_, lim)| upper_ms <= *lim)
                 .unwrap_or(LIFETIME_BINS.len() - 1);
-            lifetimes[i].1 += u64::from(count);
+            lifetimes[i].1 += count;
         }
 
         Model {
