@@ -800,3 +800,31 @@ fn a_hostile_comm_is_escaped_in_every_view() {
         assert!(!s.contains("\nZ"), "a forged line: {s:?}");
     }
 }
+
+/// SIGHUP (the ssh session went away) ends `trace` like SIGTERM: the summary is printed.
+#[test]
+fn sighup_ends_trace_with_its_summary() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("hup");
+    let child = std::process::Command::new(twtrace_integration::twtrace_bin())
+        .args(["trace", "--json", "--netns", &ns.name])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("twtrace trace");
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let out = child.wait_with_output().expect("twtrace exits");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}")).unwrap();
+    assert_eq!(last["type"], "summary", "{stdout}");
+}

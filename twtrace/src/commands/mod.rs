@@ -26,10 +26,13 @@ pub fn read_proc(path: &str) -> String {
         .unwrap_or_default()
 }
 
-/// When a running command should stop: SIGINT, SIGTERM, or the end of `--duration`.
+/// When a running command should stop: SIGINT, SIGTERM, SIGHUP (the terminal or the ssh
+/// session went away: summary, flush and terminal restored all the same), or the end of
+/// `--duration`.
 pub struct Stop {
     sigint: Signal,
     sigterm: Signal,
+    sighup: Signal,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -38,6 +41,7 @@ impl Stop {
         Ok(Self {
             sigint: signal(SignalKind::interrupt()).context("SIGINT handler")?,
             sigterm: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            sighup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
             deadline: duration
                 .map(|s| Box::pin(tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))))),
         })
@@ -54,6 +58,7 @@ impl Stop {
         tokio::select! {
             _ = self.sigint.recv() => {}
             _ = self.sigterm.recv() => {}
+            _ = self.sighup.recv() => {}
             _ = deadline => {}
         }
     }
