@@ -55,6 +55,9 @@ pub struct Header {
     pub clock_offset_ns: i128,
     /// Settings of each traced namespace at the start, by inode.
     pub settings: std::collections::BTreeMap<String, NetnsSettings>,
+    /// What the recording kernel could not show, one line each (`twtrace check`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
 }
 
 impl Header {
@@ -73,6 +76,7 @@ impl Header {
             hz,
             clock_offset_ns: 0,
             settings: Default::default(),
+            degraded: Vec::new(),
         }
     }
 }

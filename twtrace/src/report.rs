@@ -283,6 +283,14 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
         .iter()
         .flat_map(|(_, t)| t.warnings.clone())
         .collect();
+    if let Some((_, t)) = traces.first() {
+        warnings.extend(
+            t.header
+                .degraded
+                .iter()
+                .map(|d| format!("recorded {}", crate::text::printable(d))),
+        );
+    }
     let loss = agg.loss().clone();
     if !loss.is_zero() {
         warnings.push(format!(

@@ -159,6 +159,11 @@ impl LiveSource {
         self.tracer.loss()
     }
 
+    /// What this kernel cannot show, one line each.
+    pub fn degraded(&self) -> &[String] {
+        self.tracer.degraded()
+    }
+
     /// Counters as of now, as an event (recorded, so reports know closes and losses).
     pub fn snapshot(&self) -> Event {
         Event::Snapshot {

@@ -39,6 +39,7 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
         command_line: std::env::args().collect(),
         clock_offset_ns: TimeBase::now().offset_ns(),
         settings: start_settings(filters.netns),
+        degraded: source.degraded().to_vec(),
         ..Header::new(super::read_proc("/proc/sys/kernel/hostname"), hz)
     };
     let mut rec = Recorder::create(

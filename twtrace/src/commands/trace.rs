@@ -70,11 +70,15 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     let loss = source.loss();
     if args.json {
         // A last object with the totals, so a consumer knows what the stream covered and lost.
-        let summary = json::summary(&agg, &loss, source.decode_errors());
+        let mut summary = json::summary(&agg, &loss, source.decode_errors());
+        summary["degraded"] = source.degraded().into();
         let _ = writeln!(stdout, "{summary}").and_then(|_| stdout.flush());
     }
     drop(stdout);
     summary(&agg, &loss, source.decode_errors());
+    for d in source.degraded() {
+        eprintln!("twtrace: {d}");
+    }
     Ok(())
 }
 
