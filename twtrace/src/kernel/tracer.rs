@@ -262,7 +262,11 @@ impl Tracer {
         .map_err(|e| TracerError::Map("PASSIVE_CLOSES", e))?;
         // Loading parsed the kernel's BTF (megabytes, now freed): hand that memory back rather
         // than keep it resident for the whole run.
-        unsafe { libc::malloc_trim(0) };
+        // glibc only: musl (the static build the kernel-matrix guests run) has no malloc_trim.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
+        }
         Ok((
             Self {
                 ebpf,
