@@ -39,6 +39,13 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount --make-rshared /
 hostname twtrace-vm
 $IP link set lo up
+# Modules the tests need (sock_diag for TCP: twtrace's socket lists, ss).
+mods="/lib/modules/$(uname -r)/twtrace"
+if [ -r "$mods/order" ]; then
+    for m in $(cat "$mods/order"); do
+        insmod "$mods/$m.ko" || echo "twtrace-vm: insmod $m failed"
+    done
+fi
 
 args_b64=""
 suites="scenarios churn"
@@ -88,6 +95,7 @@ if $IP netns add twvm-preflight; then
 else
     fail "ip netns add"
 fi
+/usr/bin/ss -Htan >/dev/null || fail "ss -tan (sock_diag) fails"
 echo "TWTRACE-VM-PREFLIGHT $preflight"
 
 verdict=pass

@@ -239,25 +239,62 @@ pub fn build(payload: &Payload, out: &Path) -> anyhow::Result<()> {
     }
 
     let cpio = t.cpio();
-    let file = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut gzip = Command::new("gzip")
-        .arg("-c")
-        .stdin(Stdio::piped())
-        .stdout(file)
-        .spawn()
-        .context("gzip")?;
-    gzip.stdin.take().context("gzip stdin")?.write_all(&cpio)?;
-    let status = gzip.wait()?;
-    if !status.success() {
-        bail!("gzip failed: {status}");
-    }
+    let gz = gzip(&cpio)?;
+    fs::write(out, &gz).with_context(|| format!("writing {}", out.display()))?;
     eprintln!(
         "xtask: initramfs {} ({:.1} MB, {:.1} MB unpacked)",
         out.display(),
-        fs::metadata(out)?.len() as f64 / 1e6,
+        gz.len() as f64 / 1e6,
         cpio.len() as f64 / 1e6
     );
     Ok(())
+}
+
+/// The initrd of one kernel: the common initramfs followed by a second archive (the kernel
+/// unpacks one after the other) with that kernel's config and modules:
+/// /boot/config-RELEASE and /lib/modules/RELEASE/twtrace/{NAME.ko,order}.
+pub fn for_kernel(common: &Path, k: &super::kernels::Fetched) -> anyhow::Result<PathBuf> {
+    let mut t = Tree::default();
+    if let Some(c) = &k.config {
+        t.host_file(c, Some(&format!("/boot/config-{}", k.release)))?;
+    }
+    let dir = format!("/lib/modules/{}/twtrace", k.release);
+    let mut order = String::new();
+    for m in &k.modules {
+        let name = m
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .context("module name")?;
+        t.host_file(m, Some(&format!("{dir}/{name}.ko")))?;
+        order.push_str(name);
+        order.push('\n');
+    }
+    t.file(&format!("{dir}/order"), order.into_bytes(), 0o644);
+    let mut all = fs::read(common).with_context(|| format!("reading {}", common.display()))?;
+    all.extend(gzip(&t.cpio())?);
+    let out = k.dir.join("initrd.cpio.gz");
+    fs::write(&out, all).with_context(|| format!("writing {}", out.display()))?;
+    Ok(out)
+}
+
+fn gzip(data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut child = Command::new("gzip")
+        .arg("-c")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("gzip")?;
+    let mut stdin = child.stdin.take().context("gzip stdin")?;
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output()?;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("gzip writer panicked"))??;
+    if !out.status.success() {
+        bail!("gzip failed: {}", out.status);
+    }
+    Ok(out.stdout)
 }
 
 #[cfg(test)]

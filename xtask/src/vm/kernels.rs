@@ -109,16 +109,29 @@ pub fn select(list: &str) -> anyhow::Result<Selection> {
     Ok(sel)
 }
 
+/// Modules the tests need that the cloud kernels build as modules (=m), in load order:
+/// sock_diag's TCP (and UDP) handlers, which twtrace and `ss` list sockets with.
+pub const MODULES: [&str; 3] = ["inet_diag", "tcp_diag", "udp_diag"];
+
+/// Bumped when what is cached per kernel changes, so that older caches are fetched again.
+const LAYOUT: &str = "layout 2";
+
 /// A kernel ready to boot.
 pub struct Fetched {
     pub vmlinuz: PathBuf,
+    /// Its config (for /boot/config-RELEASE in the guest: twtrace reads CONFIG_HZ there).
+    pub config: Option<PathBuf>,
+    /// Uncompressed modules from [`MODULES`] (those the package has), in load order.
+    pub modules: Vec<PathBuf>,
     /// `uname -r` of the kernel, e.g. 6.1.0-50-cloud-amd64.
     pub release: String,
     /// The Debian package version, e.g. 6.1.176-1.
     pub version: String,
+    /// Where this kernel's files are cached (target/kernels/SUITE).
+    pub dir: PathBuf,
 }
 
-/// The cached vmlinuz of `k`, downloading it first if there is none (or if `refresh`).
+/// The cached kernel of `k`, downloading it first if there is none (or if `refresh`).
 pub fn fetch(kernels_dir: &Path, k: Kernel, refresh: bool) -> anyhow::Result<Fetched> {
     let dir = kernels_dir.join(k.suite);
     let meta = dir.join("kernel.txt");
@@ -149,34 +162,82 @@ pub fn fetch(kernels_dir: &Path, k: Kernel, refresh: bool) -> anyhow::Result<Fet
     let work = dir.join("extract");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
-    let mut vmlinuz = apt.extract(&image, &work)?;
-    if vmlinuz.is_none() {
-        // From forky on, the image package only depends on linux-binary-*, which has the
-        // kernel itself.
-        let binary = apt
-            .depends(&image)?
-            .into_iter()
-            .find(|d| d.starts_with("linux-binary-"))
-            .with_context(|| format!("{image} has no vmlinuz and no linux-binary dependency"))?;
-        vmlinuz = apt.extract(&binary, &work)?;
+    // Up to trixie the image package has everything; from forky on it depends on
+    // linux-binary-* (vmlinuz), linux-modules-* and linux-base-* (config) of the same release.
+    let mut queue = vec![image.clone()];
+    let mut done = Vec::new();
+    while let Some(package) = queue.pop() {
+        apt.extract(&package, &work)?;
+        for dep in apt.depends(&package)? {
+            if dep.starts_with("linux-")
+                && dep.ends_with(&release)
+                && !done.contains(&dep)
+                && !queue.contains(&dep)
+                && dep != package
+            {
+                queue.push(dep);
+            }
+        }
+        done.push(package);
     }
-    let vmlinuz = vmlinuz.with_context(|| format!("no vmlinuz in {image}"))?;
+    let found = find_files(&work);
+    let vmlinuz = found
+        .vmlinuz
+        .with_context(|| format!("no vmlinuz in {}", done.join(", ")))?;
     let dest = dir.join(format!("vmlinuz-{release}"));
     fs::copy(&vmlinuz, &dest).with_context(|| format!("copying {}", vmlinuz.display()))?;
+    let config = match found.config {
+        Some(c) => {
+            let to = dir.join(format!("config-{release}"));
+            fs::copy(&c, &to)?;
+            Some(to)
+        }
+        None => {
+            eprintln!("xtask: no kernel config in {}", done.join(", "));
+            None
+        }
+    };
+    let mdir = dir.join("modules");
+    let _ = fs::remove_dir_all(&mdir);
+    fs::create_dir_all(&mdir)?;
+    let mut modules = Vec::new();
+    for name in MODULES {
+        let Some(src) = found.modules.iter().find(|p| module_name(p) == Some(name)) else {
+            // Built in, or not built at all: either way nothing to load.
+            continue;
+        };
+        let to = mdir.join(format!("{name}.ko"));
+        decompress(src, &to)?;
+        modules.push(to);
+    }
     fs::remove_dir_all(&work)?;
-    // The packages themselves (modules included) are not needed any more.
+    // The packages themselves (all modules included) are not needed any more.
     let _ = fs::remove_dir_all(apt.debs());
-    fs::write(&meta, format!("{release}\n{meta_version}\n"))?;
+    let names: Vec<&str> = modules
+        .iter()
+        .filter_map(|m| m.file_stem()?.to_str())
+        .collect();
+    fs::write(
+        &meta,
+        format!(
+            "{release}\n{meta_version}\n{LAYOUT}\nmodules {}\n",
+            names.join(" ")
+        ),
+    )?;
     eprintln!(
-        "xtask: kernel {} ({}): {release} ({meta_version}) saved as {}",
+        "xtask: kernel {} ({}): {release} ({meta_version}) saved in {} (modules: {})",
         k.name,
         k.suite,
-        dest.display()
+        dir.display(),
+        names.join(" ")
     );
     Ok(Fetched {
         vmlinuz: dest,
+        config,
+        modules,
         release,
         version: meta_version,
+        dir,
     })
 }
 
@@ -185,12 +246,57 @@ fn cached(dir: &Path, meta: &Path) -> Option<Fetched> {
     let mut lines = text.lines();
     let release = lines.next()?.to_string();
     let version = lines.next()?.to_string();
+    if lines.next()? != LAYOUT {
+        return None;
+    }
+    let modules: Vec<PathBuf> = lines
+        .next()?
+        .strip_prefix("modules")?
+        .split_whitespace()
+        .map(|m| dir.join("modules").join(format!("{m}.ko")))
+        .collect();
     let vmlinuz = dir.join(format!("vmlinuz-{release}"));
-    vmlinuz.exists().then_some(Fetched {
+    let config = Some(dir.join(format!("config-{release}"))).filter(|c| c.exists());
+    (vmlinuz.exists() && modules.iter().all(|m| m.exists())).then_some(Fetched {
         vmlinuz,
+        config,
+        modules,
         release,
         version,
+        dir: dir.to_path_buf(),
     })
+}
+
+/// "tcp_diag" for .../tcp_diag.ko, .ko.xz, .ko.zst or .ko.gz.
+fn module_name(p: &Path) -> Option<&str> {
+    let name = p.file_name()?.to_str()?;
+    let (stem, rest) = name.split_once(".ko")?;
+    ["", ".xz", ".zst", ".gz"].contains(&rest).then_some(stem)
+}
+
+fn decompress(src: &Path, to: &Path) -> anyhow::Result<()> {
+    let name = src.to_string_lossy();
+    let tool = if name.ends_with(".xz") {
+        "xz"
+    } else if name.ends_with(".zst") {
+        "zstd"
+    } else if name.ends_with(".gz") {
+        "gzip"
+    } else {
+        fs::copy(src, to)?;
+        return Ok(());
+    };
+    let out = fs::File::create(to)?;
+    let status = Command::new(tool)
+        .arg("-dc")
+        .arg(src)
+        .stdout(out)
+        .status()
+        .with_context(|| format!("{tool} -dc"))?;
+    if !status.success() {
+        bail!("{tool} -dc {name} failed: {status}");
+    }
+    Ok(())
 }
 
 /// The host's Debian mirrors: (main archive, security archive), from its apt sources.
@@ -349,8 +455,8 @@ impl Apt {
         Ok((version, image))
     }
 
-    /// Downloads and unpacks a package into `into`; returns the vmlinuz found there, if any.
-    fn extract(&self, package: &str, into: &Path) -> anyhow::Result<Option<PathBuf>> {
+    /// Downloads and unpacks a package into `into`.
+    fn extract(&self, package: &str, into: &Path) -> anyhow::Result<()> {
         let debs = self.debs();
         fs::create_dir_all(&debs)?;
         eprintln!("xtask: apt-get download {package}");
@@ -381,32 +487,56 @@ impl Apt {
         if !status.success() {
             bail!("dpkg-deb -x {} failed: {status}", deb.display());
         }
-        Ok(find_vmlinuz(into))
+        Ok(())
     }
 }
 
-/// boot/vmlinuz-* (up to trixie) or usr/lib/modules/*/vmlinuz (forky's linux-binary).
-fn find_vmlinuz(root: &Path) -> Option<PathBuf> {
-    let in_dir = |dir: PathBuf, pick: &dyn Fn(&str) -> bool| {
-        fs::read_dir(dir).ok().and_then(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .find(|p| p.is_file() && p.file_name().and_then(|n| n.to_str()).is_some_and(pick))
-        })
-    };
-    if let Some(p) = in_dir(root.join("boot"), &|n| n.starts_with("vmlinuz")) {
-        return Some(p);
-    }
-    for modules in ["usr/lib/modules", "lib/modules"] {
-        if let Ok(d) = fs::read_dir(root.join(modules)) {
-            for e in d.flatten() {
-                if let Some(p) = in_dir(e.path(), &|n| n.starts_with("vmlinuz")) {
-                    return Some(p);
-                }
+#[derive(Default)]
+struct Found {
+    vmlinuz: Option<PathBuf>,
+    config: Option<PathBuf>,
+    modules: Vec<PathBuf>,
+}
+
+/// The kernel's files in unpacked packages: boot/vmlinuz-* and boot/config-* (up to trixie),
+/// or usr/lib/modules/RELEASE/{vmlinuz,config} (forky), and the modules of [`MODULES`].
+fn find_files(root: &Path) -> Found {
+    let mut found = Found::default();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            if !ft.is_file() {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            let parent = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let in_modules = dir
+                .parent()
+                .and_then(|d| d.file_name())
+                .is_some_and(|n| n == "modules");
+            if (parent == "boot" && name.starts_with("vmlinuz-"))
+                || (in_modules && name == "vmlinuz")
+            {
+                found.vmlinuz = Some(p);
+            } else if (parent == "boot" && name.starts_with("config-"))
+                || (in_modules && name == "config")
+            {
+                found.config = Some(p);
+            } else if module_name(&p).is_some_and(|m| MODULES.contains(&m)) {
+                found.modules.push(p);
             }
         }
     }
-    None
+    found
 }
 
 #[cfg(test)]
@@ -427,6 +557,13 @@ mod tests {
         let none = select("none").unwrap();
         assert!(!none.host && none.guests.is_empty());
         assert!(select("4.19").is_err());
+    }
+
+    #[test]
+    fn module_names() {
+        assert_eq!(module_name(Path::new("a/tcp_diag.ko.xz")), Some("tcp_diag"));
+        assert_eq!(module_name(Path::new("inet_diag.ko")), Some("inet_diag"));
+        assert_eq!(module_name(Path::new("inet_diag.koo")), None);
     }
 
     #[test]

@@ -87,8 +87,8 @@ pub fn run(
         );
     }
     let payload = build_guest_binaries(&target)?;
-    let initrd = kdir.join("initramfs.cpio.gz");
-    initramfs::build(&payload, &initrd)?;
+    let common = kdir.join("initramfs.cpio.gz");
+    initramfs::build(&payload, &common)?;
 
     let mut test_args: Vec<String> = args.to_vec();
     // The two guest CPUs: the root scenarios mostly wait, but each tracer attaches to every
@@ -104,6 +104,7 @@ pub fn run(
 
     let mut rows = Vec::new();
     for (k, fetched) in guests.iter().zip(fetched) {
+        let initrd = initramfs::for_kernel(&common, &fetched)?;
         let log = kdir.join("logs").join(format!("{}.log", k.name));
         let guest = qemu::Guest {
             label: k.name,
@@ -198,8 +199,9 @@ pub fn shell(root: &Path, k: Kernel, opts: &GuestOptions) -> anyhow::Result<()> 
     ensure_tools()?;
     let payload = build_guest_binaries(&target)?;
     let fetched = kernels::fetch(&kdir, k, opts.refresh_kernels)?;
-    let initrd = kdir.join("initramfs.cpio.gz");
-    initramfs::build(&payload, &initrd)?;
+    let common = kdir.join("initramfs.cpio.gz");
+    initramfs::build(&payload, &common)?;
+    let initrd = initramfs::for_kernel(&common, &fetched)?;
     qemu::interactive(&qemu::Guest {
         label: k.name,
         vmlinuz: &fetched.vmlinuz,
@@ -216,11 +218,13 @@ fn ensure_tools() -> anyhow::Result<()> {
     let busybox_ok = initramfs::which("busybox").is_some_and(|b| initramfs::is_static(&b));
     let keyring = Path::new("/usr/share/keyrings/debian-archive-keyring.gpg").exists();
     let mut missing = Vec::new();
-    let checks: [(&str, bool); 9] = [
+    let checks: [(&str, bool); 10] = [
         ("qemu-system-x86", ok("qemu-system-x86_64", &["--version"])),
         ("busybox-static", busybox_ok),
         ("musl-tools", initramfs::which("musl-gcc").is_some()),
         ("gzip", initramfs::which("gzip").is_some()),
+        // Decompressing the kernels' modules (.ko.xz since trixie).
+        ("xz-utils", initramfs::which("xz").is_some()),
         ("debian-archive-keyring", keyring),
         ("iproute2", ok("ip", &["-V"]) && ok("ss", &["-V"])),
         ("procps", initramfs::which("sysctl").is_some()),

@@ -119,6 +119,8 @@ pub fn run(g: &Guest) -> anyhow::Result<Outcome> {
         let text = String::from_utf8_lossy(&raw);
         let line = text.trim_end_matches(['\n', '\r']).trim_start_matches('\r');
         println!("[{}] {line}", g.label);
+        // The init's markers may follow the firmware's terminal escapes on the same line.
+        let line = line.find("TWTRACE-VM-").map_or(line, |i| &line[i..]);
         if line.starts_with("TWTRACE-VM-BOOTED") && out.boot.is_none() {
             out.boot = Some(start.elapsed());
         } else if let Some(v) = line.strip_prefix("TWTRACE-VM-VERDICT ") {
