@@ -98,6 +98,19 @@ fi
 /usr/bin/ss -Htan >/dev/null || fail "ss -tan (sock_diag) fails"
 echo "TWTRACE-VM-PREFLIGHT $preflight"
 
+# What twtrace itself makes of this kernel (informational: the tests give the verdict).
+if [ "$preflight" = ok ]; then
+    check="$("$TWTRACE_BIN" check 2>&1)"
+    rc=$?
+    printf '%s\n' "$check"
+    echo "TWTRACE-VM-CHECK rc=$rc $(printf '%s\n' "$check" | grep -v '^ *$' | tail -n 1)"
+    if [ "$rc" != 0 ]; then
+        # The verifier's verdict, without its (long) log.
+        "$TWTRACE_BIN" -vv check 2>&1 | grep -iE 'too large|stack|invalid|unknown func|no member' |
+            tail -n 3 | sed 's/^/TWTRACE-VM-CHECK-DETAIL /'
+    fi
+fi
+
 verdict=pass
 results="preflight=$preflight"
 [ "$preflight" = ok ] || verdict=fail

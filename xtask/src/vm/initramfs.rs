@@ -201,30 +201,23 @@ pub fn build(payload: &Payload, out: &Path) -> anyhow::Result<()> {
         .arg("--list")
         .output()
         .context("busybox --list")?;
-    // The real tools, which take precedence (PATH has /usr/* first): iproute2's ip (busybox's
-    // has no netns), procps' sysctl, util-linux's setpriv. Prometheus for its scenario, when
-    // the host has it.
-    // They go to fixed places (init.sh calls them by path: Debian's busybox-static prefers its
-    // own applets to anything on PATH).
+    // The real tools: iproute2's ip (busybox's has no netns) and ss, procps' sysctl,
+    // util-linux's setpriv, and Prometheus (server and promtool) for its scenario. They go
+    // to fixed places, which come first on PATH; init.sh calls them by path, since Debian's
+    // busybox-static runs its own applets before anything on PATH.
     let real = [
-        ("ip", "/usr/sbin", true),
-        ("ss", "/usr/bin", true),
-        ("sysctl", "/usr/sbin", true),
-        ("setpriv", "/usr/bin", true),
-        ("promtool", "/usr/bin", false),
-        ("prometheus", "/usr/bin", false),
+        ("ip", "/usr/sbin"),
+        ("ss", "/usr/bin"),
+        ("sysctl", "/usr/sbin"),
+        ("setpriv", "/usr/bin"),
+        ("promtool", "/usr/bin"),
+        ("prometheus", "/usr/bin"),
     ];
-    let mut have = Vec::new();
-    for (name, dir, required) in real {
-        match which(name) {
-            Some(p) => {
-                t.host_program(&p, &format!("{dir}/{name}"))?;
-                have.push(name);
-            }
-            None if required => bail!("{name} not found on the host"),
-            None => eprintln!("xtask: {name} not on the host: its guest scenario will fail"),
-        }
+    for (name, dir) in real {
+        let p = which(name).with_context(|| format!("{name} not found on the host"))?;
+        t.host_program(&p, &format!("{dir}/{name}"))?;
     }
+    let have: Vec<&str> = real.iter().map(|r| r.0).collect();
     for applet in String::from_utf8_lossy(&list.stdout).split_whitespace() {
         let at = format!("/bin/{applet}");
         if applet != "busybox" && !have.contains(&applet) && !t.entries.contains_key(&at) {

@@ -37,6 +37,11 @@ pub struct GuestOptions {
     /// Look up the newest kernel of each suite again instead of using the cached one.
     #[arg(long)]
     pub refresh_kernels: bool,
+    /// Multi-threaded TCG (one host thread per guest CPU). Off by default: with it, a 7.2
+    /// guest once died of an unexpected int3 in code the kernel was patching (the syscall
+    /// tracepoints twtrace attaches), a race between TCG's vCPU threads.
+    #[arg(long)]
+    pub vm_mttcg: bool,
     /// Which test binaries run in the guests (comma-separated; default scenarios,churn).
     #[arg(long, default_value = "scenarios,churn")]
     pub suites: String,
@@ -114,6 +119,7 @@ pub fn run(
             timeout: Duration::from_secs(opts.vm_timeout * 60),
             log: log.clone(),
             memory_mb: opts.vm_memory,
+            mttcg: opts.vm_mttcg,
         };
         eprintln!(
             "xtask: booting {} ({}) under qemu TCG; console log: {}",
@@ -171,6 +177,12 @@ pub fn run(
         if let Some(v) = &o.verdict {
             println!("       verdict: {v}");
         }
+        if let Some(c) = &o.check {
+            println!("       twtrace check: {c}");
+        }
+        for d in &o.check_detail {
+            println!("       twtrace -vv check: {d}");
+        }
         if !o.passed
             && let Some(f) = &o.first_failure
         {
@@ -210,6 +222,7 @@ pub fn shell(root: &Path, k: Kernel, opts: &GuestOptions) -> anyhow::Result<()> 
         timeout: Duration::MAX,
         log: PathBuf::new(),
         memory_mb: opts.vm_memory,
+        mttcg: opts.vm_mttcg,
     })
 }
 
@@ -218,7 +231,7 @@ fn ensure_tools() -> anyhow::Result<()> {
     let busybox_ok = initramfs::which("busybox").is_some_and(|b| initramfs::is_static(&b));
     let keyring = Path::new("/usr/share/keyrings/debian-archive-keyring.gpg").exists();
     let mut missing = Vec::new();
-    let checks: [(&str, bool); 10] = [
+    let checks: [(&str, bool); 11] = [
         ("qemu-system-x86", ok("qemu-system-x86_64", &["--version"])),
         ("busybox-static", busybox_ok),
         ("musl-tools", initramfs::which("musl-gcc").is_some()),
@@ -230,6 +243,11 @@ fn ensure_tools() -> anyhow::Result<()> {
         ("procps", initramfs::which("sysctl").is_some()),
         ("util-linux", ok("setpriv", &["--version"])),
         ("libc-bin", initramfs::which("ldd").is_some()),
+        // A scenario checks the metrics with promtool and has a Prometheus server scrape them.
+        (
+            "prometheus",
+            initramfs::which("promtool").is_some() && initramfs::which("prometheus").is_some(),
+        ),
     ];
     for (package, present) in checks {
         if !present {

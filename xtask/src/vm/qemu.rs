@@ -23,6 +23,8 @@ pub struct Guest<'a> {
     pub timeout: Duration,
     pub log: PathBuf,
     pub memory_mb: u32,
+    /// One host thread per guest CPU (else both guest CPUs take turns on one thread).
+    pub mttcg: bool,
 }
 
 /// What a guest did.
@@ -43,12 +45,21 @@ pub struct Outcome {
     pub tests_ignored: u64,
     /// The first failing test and the first line of its panic message (or a preflight failure).
     pub first_failure: Option<String>,
+    /// `twtrace check`'s exit code and last line, as the guest ran it before the tests.
+    pub check: Option<String>,
+    /// The lines of `twtrace -vv check` that say why the kernel refused (when it did).
+    pub check_detail: Vec<String>,
     pub qemu_status: Option<String>,
 }
 
 fn command(g: &Guest) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-accel", "tcg", "-cpu", "max", "-smp", "2"])
+    let accel = if g.mttcg {
+        "tcg,thread=multi"
+    } else {
+        "tcg,thread=single"
+    };
+    c.args(["-accel", accel, "-cpu", "max", "-smp", "2"])
         .arg("-m")
         .arg(g.memory_mb.to_string())
         .args(["-nographic", "-no-reboot", "-nic", "none"])
@@ -135,6 +146,10 @@ pub fn run(g: &Guest) -> anyhow::Result<Outcome> {
             if let Some((name, at)) = suite_start.take() {
                 out.suites.push((name, at.elapsed(), rc));
             }
+        } else if let Some(c) = line.strip_prefix("TWTRACE-VM-CHECK ") {
+            out.check = Some(c.to_string());
+        } else if let Some(d) = line.strip_prefix("TWTRACE-VM-CHECK-DETAIL ") {
+            out.check_detail.push(d.to_string());
         } else if let Some(why) = line.strip_prefix("TWTRACE-VM-PREFLIGHT fail: ") {
             out.first_failure
                 .get_or_insert_with(|| format!("preflight: {why}"));
