@@ -254,10 +254,15 @@ async fn sweep(mut sweeper: Sweeper, tx: tokio::sync::mpsc::Sender<Vec<Event>>) 
 /// wake-up (it waits for the running task's slice) yet keeps its fair share of CPU, so the
 /// reader still keeps up. Threads started later inherit it.
 fn run_as_batch() {
-    let param = libc::sched_param { sched_priority: 0 };
+    // Zeroed rather than a literal: musl's sched_param has more fields. The system call
+    // itself rather than libc's wrapper: musl's sched_setscheduler is a stub (ENOSYS).
+    let param: libc::sched_param = unsafe { std::mem::zeroed() };
     let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten();
     for tid in tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
-        if unsafe { libc::sched_setscheduler(tid, libc::SCHED_BATCH, &param) } != 0 {
+        let param: *const libc::sched_param = &param;
+        if unsafe { libc::syscall(libc::SYS_sched_setscheduler, tid, libc::SCHED_BATCH, param) }
+            != 0
+        {
             log::debug!(
                 "SCHED_BATCH for thread {tid}: {}",
                 io::Error::last_os_error()

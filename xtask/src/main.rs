@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask setup`.
+//! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask vm`, `cargo xtask setup`.
 //!
 //! A fresh machine has none of the eBPF toolchain, so every task first installs what is
 //! missing: the nightly's rust-src (for `-Z build-std`), LLVM 22's development files and a
@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+mod vm;
 
 #[derive(Parser)]
 struct Cli {
@@ -37,9 +39,30 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, then run the whole test suite: lint, unit tests and root integration tests.
+    /// Set up, then run the whole test suite: lint, unit tests and root integration tests,
+    /// on this host and then in qemu guests booting other kernels (`cargo xtask vm`).
     Test {
+        /// Where the tests run, comma-separated: all (default), host, vms (every guest),
+        /// none, or guest kernels: 5.10, 6.1, 6.12, 7 (also 7.x, or the Debian suite name).
+        #[arg(long, default_value = "all")]
+        kernels: String,
+        #[command(flatten)]
+        guest: vm::GuestOptions,
         /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the root integration tests (scenarios, churn) only in qemu guests, one per kernel.
+    Vm {
+        /// Guest kernels, comma-separated: vms (default: all of them), 5.10, 6.1, 6.12, 7.
+        #[arg(long, default_value = "vms")]
+        kernels: String,
+        /// Boot the (single) kernel with a shell on this terminal instead of running tests.
+        #[arg(long)]
+        shell: bool,
+        #[command(flatten)]
+        guest: vm::GuestOptions,
+        /// Arguments for the test binaries (libtest options and a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -94,21 +117,55 @@ fn run() -> anyhow::Result<()> {
             setup()?;
             lint()
         }
-        Task::Test { args } => {
+        Task::Vm {
+            kernels,
+            shell,
+            guest,
+            args,
+        } => {
+            let sel = vm::kernels::select(&kernels)?;
+            if sel.host {
+                bail!("`cargo xtask vm` runs guests only: use `cargo xtask test --kernels host`");
+            }
+            setup()?;
+            if shell {
+                let [k] = sel.guests[..] else {
+                    bail!("--shell boots one kernel: pick one with --kernels");
+                };
+                return vm::shell(&root, k, &guest);
+            }
+            vm::run(&root, &sel.guests, &guest, &args)
+        }
+        Task::Test {
+            kernels,
+            guest,
+            args,
+        } => {
+            let sel = vm::kernels::select(&kernels)?;
             setup()?;
             lint()?;
-            cargo(&["build", "--release", "--workspace", "--bins"])?;
-            let mut test = vec!["test", "--release", "--workspace", "--"];
-            // The root scenarios mostly wait (one waits 60 s for a real expiry): run them
-            // side by side, but not so many that their tracers (each attached to every kernel
-            // timer event) crowd the two CPUs.
-            if args.is_empty() {
-                test.push("--test-threads=4");
+            let host = if sel.host { host_tests(&args) } else { Ok(()) };
+            let guests = vm::run(&root, &sel.guests, &guest, &args);
+            if let Err(e) = &host {
+                eprintln!("xtask: host tests failed: {e:#}");
             }
-            test.extend(args.iter().map(String::as_str));
-            cargo(&test)
+            host.and(guests)
         }
     }
+}
+
+/// The whole workspace's tests on this machine's kernel.
+fn host_tests(args: &[String]) -> anyhow::Result<()> {
+    cargo(&["build", "--release", "--workspace", "--bins"])?;
+    let mut test = vec!["test", "--release", "--workspace", "--"];
+    // The root scenarios mostly wait (one waits 60 s for a real expiry): run them side by
+    // side, but not so many that their tracers (each attached to every kernel timer event)
+    // crowd the two CPUs.
+    if args.is_empty() {
+        test.push("--test-threads=4");
+    }
+    test.extend(args.iter().map(String::as_str));
+    cargo(&test)
 }
 
 fn lint() -> anyhow::Result<()> {
