@@ -23,7 +23,7 @@ use kernels::Kernel;
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
 /// The test binaries (tests/tests/*.rs) the guests run, in this order.
-const SUITES: [&str; 2] = ["scenarios", "churn"];
+const SUITES: [&str; 3] = ["kernel", "scenarios", "churn"];
 
 /// Options of the guests, shared by `cargo xtask test` and `cargo xtask vm`.
 #[derive(clap::Args, Debug, Clone)]
@@ -42,8 +42,8 @@ pub struct GuestOptions {
     /// tracepoints twtrace attaches), a race between TCG's vCPU threads.
     #[arg(long)]
     pub vm_mttcg: bool,
-    /// Which test binaries run in the guests (comma-separated; default scenarios,churn).
-    #[arg(long, default_value = "scenarios,churn")]
+    /// Which test binaries run in the guests (comma-separated; default kernel,scenarios,churn).
+    #[arg(long, default_value = "kernel,scenarios,churn")]
     pub suites: String,
 }
 
