@@ -267,8 +267,13 @@ impl Trace {
 
     /// Stops twtrace with SIGINT (as Ctrl-C would); returns all records, the last being the
     /// summary.
-    pub fn stop(mut self) -> (Vec<Value>, String) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+    pub fn stop(self) -> (Vec<Value>, String) {
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// Stops twtrace with `sig`, which must end it cleanly (exit status 0).
+    pub fn stop_with(mut self, sig: i32) -> (Vec<Value>, String) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
         let status = self.child.wait().expect("wait twtrace");
         // Let the reader threads finish.
         thread::sleep(Duration::from_millis(100));

@@ -82,6 +82,8 @@ pub struct Report {
     pub files: Vec<String>,
     pub hostname: String,
     pub kernel: String,
+    /// What the recording kernel could not show (its `twtrace check`), one line each.
+    pub degraded: Vec<String>,
     /// RFC 3339, first and last event looked at.
     pub from: Option<String>,
     pub to: Option<String>,
@@ -283,14 +285,6 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
         .iter()
         .flat_map(|(_, t)| t.warnings.clone())
         .collect();
-    if let Some((_, t)) = traces.first() {
-        warnings.extend(
-            t.header
-                .degraded
-                .iter()
-                .map(|d| format!("recorded {}", crate::text::printable(d))),
-        );
-    }
     let loss = agg.loss().clone();
     if !loss.is_zero() {
         warnings.push(format!(
@@ -307,6 +301,16 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
         kernel: traces
             .first()
             .map(|(_, t)| t.header.kernel.clone())
+            .unwrap_or_default(),
+        degraded: traces
+            .first()
+            .map(|(_, t)| {
+                t.header
+                    .degraded
+                    .iter()
+                    .map(|d| crate::text::printable(d).into_owned())
+                    .collect()
+            })
             .unwrap_or_default(),
         from: first.map(rfc),
         to: first.map(|_| rfc(last)),

@@ -31,6 +31,9 @@ pub fn report(r: &Report) -> String {
         r.span_s,
         r.events
     );
+    for d in &r.degraded {
+        let _ = writeln!(o, "NOTE (recording kernel): {d}");
+    }
     for w in &r.warnings {
         let _ = writeln!(o, "WARNING: {w}");
     }
