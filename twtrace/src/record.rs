@@ -258,14 +258,30 @@ impl Trace {
 /// Reads a whole trace file. A truncated or partly corrupt file is read up to and around the
 /// damage, which `warnings` describes.
 pub fn read(path: &Path) -> Result<Trace, RecordError> {
-    let data = fs::read(path).map_err(io_err(path))?;
     let name = path.display().to_string();
-    if data.len() < 4 || data[..4] != ZSTD_MAGIC {
-        return Err(RecordError::NotATrace {
-            path: name,
-            why: "it does not start with a zstd frame".into(),
-        });
+    // The magic first: a file that is no recording (a sparse gigabyte of zeros, say) is
+    // refused before it is read.
+    let mut magic = [0u8; 4];
+    let is_zstd = fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .map(|()| magic == ZSTD_MAGIC);
+    match is_zstd {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(RecordError::NotATrace {
+                path: name,
+                why: "it does not start with a zstd frame".into(),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(RecordError::NotATrace {
+                path: name,
+                why: "it does not start with a zstd frame".into(),
+            });
+        }
+        Err(e) => return Err(io_err(path)(e)),
     }
+    let data = fs::read(path).map_err(io_err(path))?;
     let mut warnings = Vec::new();
     let mut frames: Vec<&[u8]> = Vec::new();
     let mut off = 0usize;
@@ -312,7 +328,7 @@ pub fn read(path: &Path) -> Result<Trace, RecordError> {
             .chunks(per)
             .map(|run| {
                 scope.spawn(move || {
-                    let mut reader = FrameReader::default();
+                    let mut reader = FrameReader::new(MAX_FRAME_BYTES);
                     run.iter().map(|f| reader.parse(f)).collect()
                 })
             })
@@ -372,21 +388,38 @@ struct Frame {
     damaged: bool,
 }
 
+/// The most a frame may inflate to. The recorder writes a frame a second; a second of events
+/// at a million TIME_WAITs a second (each a start and an end line of about 120 bytes) is about
+/// 240 MB. A larger frame is no frame of twtrace's (a decompression bomb): it is skipped as
+/// damaged, without its memory ever being taken.
+pub const MAX_FRAME_BYTES: usize = 256 << 20;
+
 /// Decompresses and parses frames, reusing its context and buffer from one frame to the next
 /// (a fresh buffer per frame is fresh pages to fault in).
-#[derive(Default)]
 struct FrameReader {
     dctx: Option<zstd::bulk::Decompressor<'static>>,
     buf: Vec<u8>,
+    limit: usize,
 }
 
 impl FrameReader {
+    fn new(limit: usize) -> Self {
+        Self {
+            dctx: None,
+            buf: Vec::new(),
+            limit,
+        }
+    }
+
     fn decompress(&mut self, frame: &[u8]) -> bool {
-        let size = zstd::zstd_safe::get_frame_content_size(frame)
+        let declared = zstd::zstd_safe::get_frame_content_size(frame)
             .ok()
             .flatten()
-            .unwrap_or(0)
-            .min(1 << 30) as usize;
+            .unwrap_or(0);
+        if declared > self.limit as u64 {
+            return false;
+        }
+        let size = declared as usize;
         self.buf.clear();
         if size > 0 {
             if self.dctx.is_none() {
@@ -399,13 +432,18 @@ impl FrameReader {
                 return true;
             }
         }
-        // The size is not in the frame header, or the bulk call failed: stream it.
-        match zstd::stream::decode_all(frame) {
-            Ok(t) => {
-                self.buf = t;
-                true
+        // The size is not in the frame header, or the bulk call failed: stream it, reading
+        // one byte past the limit to tell a frame that is too large.
+        let Ok(dec) = zstd::stream::read::Decoder::new(frame) else {
+            return false;
+        };
+        let mut limited = std::io::Read::take(dec, self.limit as u64 + 1);
+        match std::io::Read::read_to_end(&mut limited, &mut self.buf) {
+            Ok(n) if n <= self.limit => true,
+            _ => {
+                self.buf = Vec::new();
+                false
             }
-            Err(_) => false,
         }
     }
 
@@ -460,6 +498,44 @@ impl FrameReader {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_frame_that_inflates_past_the_limit_is_damaged_not_allocated() {
+        // Two MiB of one line, against a reader limited to one: refused, with or without the
+        // size in the frame's header.
+        let text = vec![b'x'; 2 << 20];
+        let with_size = zstd::bulk::compress(&text, 1).unwrap();
+        let mut streamed = Vec::new();
+        {
+            let mut enc = zstd::stream::write::Encoder::new(&mut streamed, 1).unwrap();
+            enc.include_contentsize(false).unwrap();
+            std::io::Write::write_all(&mut enc, &text).unwrap();
+            enc.finish().unwrap();
+        }
+        for frame in [&with_size, &streamed] {
+            let mut r = super::FrameReader::new(1 << 20);
+            assert!(r.parse(frame).damaged);
+            assert!(r.buf.capacity() <= 2 << 20);
+            let mut r = super::FrameReader::new(4 << 20);
+            assert!(!r.parse(frame).damaged);
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_no_recording_is_refused_before_it_is_read() {
+        let dir = std::env::temp_dir().join(format!("twt-magic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("zeros.twt");
+        let f = std::fs::File::create(&p).unwrap();
+        // A sparse gigabyte: reading it whole would cost a gigabyte.
+        f.set_len(1 << 30).unwrap();
+        let e = super::read(&p).err().expect("refused");
+        assert!(
+            e.to_string().contains("does not start with a zstd frame"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
     use crate::aggregate::tests::{end, enter};
     use crate::event::{EndReason, Substate, TwKey};
