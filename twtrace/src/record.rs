@@ -87,6 +87,10 @@ pub enum RecordError {
     Io { path: String, source: io::Error },
     #[error("{path}: not a twtrace trace ({why})")]
     NotATrace { path: String, why: String },
+    #[error(
+        "{path}: two recordings one after the other (a second header in frame {frame}): give each recording to twtrace as a file of its own"
+    )]
+    Concatenated { path: String, frame: usize },
     #[error("{path}: trace format version {found} is newer than this twtrace reads ({VERSION})")]
     Version { path: String, found: u32 },
     #[error(transparent)]
@@ -338,15 +342,37 @@ pub fn read(path: &Path) -> Result<Trace, RecordError> {
             .map(|h| h.join().unwrap_or_default())
             .collect()
     });
-    let header: Header = parsed
-        .first()
-        .and_then(|run| run.first())
-        .and_then(|f| f.header.clone())
-        .filter(|h| h.format == FORMAT)
-        .ok_or_else(|| RecordError::NotATrace {
-            path: name.clone(),
-            why: "no twtrace header".into(),
-        })?;
+    let first = parsed.first().and_then(|run| run.first());
+    let header: Header = match first {
+        Some(f) if f.header.as_ref().is_some_and(|h| h.format == FORMAT) => {
+            f.header.clone().expect("checked")
+        }
+        // The header frame is damaged but events follow: read them with what can be inferred.
+        Some(f) if f.damaged && parsed.iter().flatten().any(|f| !f.events.is_empty()) => {
+            let hz = infer_hz(parsed.iter().flatten().flat_map(|f| &f.events)).unwrap_or(250);
+            warnings.push(format!(
+                "{name}: the header frame is damaged: host, kernel and settings are unknown; CONFIG_HZ {hz} inferred from the TIME_WAIT timers"
+            ));
+            Header::new("unknown", hz)
+        }
+        _ => {
+            return Err(RecordError::NotATrace {
+                path: name,
+                why: "no twtrace header".into(),
+            });
+        }
+    };
+    if let Some(i) = parsed
+        .iter()
+        .flatten()
+        .skip(1)
+        .position(|f| f.header.is_some())
+    {
+        return Err(RecordError::Concatenated {
+            path: name,
+            frame: i + 1,
+        });
+    }
     if header.version > VERSION {
         return Err(RecordError::Version {
             path: name,
@@ -374,6 +400,27 @@ pub fn read(path: &Path) -> Result<Trace, RecordError> {
         frames,
         warnings,
     })
+}
+
+/// CONFIG_HZ from the events themselves: a true TIME_WAIT is armed for 60 s, so the most
+/// common timer length of TIME_WAIT-substate starts is 60 x HZ.
+fn infer_hz<'a>(events: impl Iterator<Item = &'a Event>) -> Option<u32> {
+    let mut counts: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+    for e in events {
+        if let Event::TwEnter(t) = e
+            && t.substate == crate::event::Substate::TimeWait
+            && t.recovered.is_none()
+            && t.timeout_jiffies > 0
+        {
+            *counts.entry(t.timeout_jiffies).or_default() += 1;
+        }
+    }
+    let (jiffies, _) = counts.into_iter().max_by_key(|&(j, n)| (n, j))?;
+    // Armed a jiffy or two late at most: round to a whole HZ.
+    let hz = (f64::from(jiffies) / 60.0).round() as u32;
+    [100u32, 250, 300, 1000]
+        .into_iter()
+        .min_by_key(|c| c.abs_diff(hz))
 }
 
 /// One frame's events.
@@ -630,6 +677,45 @@ mod tests {
             "only the damaged frame is lost"
         );
         fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_header_frame_still_opens_and_says_what_is_unknown() {
+        let p = tmp("badheader.twt");
+        let written = write(&p, 4);
+        let mut data = fs::read(&p).unwrap();
+        // Inside the first frame, past its zstd header: its checksum fails.
+        data[12] ^= 0xff;
+        data[13] ^= 0xff;
+        fs::write(&p, &data).unwrap();
+        let t = read(&p).unwrap();
+        assert_eq!(t.header.hz, 250, "inferred from the 60 s timers");
+        assert_eq!(t.header.hostname, "unknown");
+        assert!(
+            t.warnings
+                .iter()
+                .any(|w| w.contains("header frame is damaged")),
+            "{:?}",
+            t.warnings
+        );
+        assert!(t.events().count() >= written.len() - 2);
+        fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn two_recordings_one_after_the_other_are_refused_in_one_line() {
+        let (a, b) = (tmp("cat-a.twt"), tmp("cat-b.twt"));
+        write(&a, 2);
+        write(&b, 2);
+        let mut both = fs::read(&a).unwrap();
+        both.extend(fs::read(&b).unwrap());
+        fs::remove_file(&a).unwrap();
+        fs::write(&a, &both).unwrap();
+        let e = read(&a).err().expect("refused");
+        assert!(matches!(e, RecordError::Concatenated { .. }), "{e}");
+        assert!(e.to_string().contains("two recordings one after the other"));
+        fs::remove_file(a).unwrap();
+        fs::remove_file(b).unwrap();
     }
 
     #[test]
