@@ -2,7 +2,7 @@
 # /init of the kernel-matrix guests (see xtask/src/vm/). Runs the root integration test
 # binaries and prints one verdict line for the host to read:
 #   TWTRACE-VM-VERDICT pass|fail kernel=RELEASE preflight=ok scenarios=ok churn=fail
-# Kernel command line: twtrace.args=BASE64 (newline-separated arguments for the test binaries),
+# Kernel command line: twtrace.args=BASE64 (newline-terminated arguments for the test binaries),
 # twtrace.suites=a,b (which test binaries, default all), twtrace.shell=1 (a shell instead).
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
@@ -60,7 +60,7 @@ done
 set --
 if [ -n "$args_b64" ]; then
     echo "$args_b64" | base64 -d >/tmp/.twtrace-args
-    while IFS= read -r a; do
+    while IFS= read -r a || [ -n "$a" ]; do
         set -- "$@" "$a"
     done </tmp/.twtrace-args
 fi
@@ -106,7 +106,7 @@ if [ "$preflight" = ok ]; then
     echo "TWTRACE-VM-CHECK rc=$rc $(printf '%s\n' "$check" | grep -v '^ *$' | tail -n 1)"
     if [ "$rc" != 0 ]; then
         # The verifier's verdict, without its (long) log.
-        "$TWTRACE_BIN" -vv check 2>&1 | grep -iE 'too large|stack|invalid|unknown func|no member' |
+        "$TWTRACE_BIN" check -vv 2>&1 | grep -iE 'too large|stack depth|invalid|unknown func' |
             tail -n 3 | sed 's/^/TWTRACE-VM-CHECK-DETAIL /'
     fi
 fi

@@ -103,7 +103,13 @@ pub fn run(
     }
     let append = format!(
         "twtrace.args={} twtrace.suites={}",
-        base64(test_args.join("\n").as_bytes()),
+        base64(
+            test_args
+                .iter()
+                .map(|a| format!("{a}\n"))
+                .collect::<String>()
+                .as_bytes()
+        ),
         suites.join(",")
     );
 
@@ -181,7 +187,7 @@ pub fn run(
             println!("       twtrace check: {c}");
         }
         for d in &o.check_detail {
-            println!("       twtrace -vv check: {d}");
+            println!("       twtrace check -vv: {d}");
         }
         if !o.passed
             && let Some(f) = &o.first_failure

@@ -47,7 +47,7 @@ pub struct Outcome {
     pub first_failure: Option<String>,
     /// `twtrace check`'s exit code and last line, as the guest ran it before the tests.
     pub check: Option<String>,
-    /// The lines of `twtrace -vv check` that say why the kernel refused (when it did).
+    /// The lines of `twtrace check -vv` that say why the kernel refused (when it did).
     pub check_detail: Vec<String>,
     pub qemu_status: Option<String>,
 }
