@@ -246,13 +246,14 @@ fn starts_lost_to_a_full_ring_buffer_are_recovered_by_the_sweep() {
         c["TW"] + c["TWKilled"]
     };
     let before = kernel_tws(&ns);
-    // 12,000 starts of 136 bytes do not fit in 1 MiB while the reader is stopped.
+    // Over 7,700 starts of 136 bytes do not fit in 1 MiB while the reader is stopped: 12,000
+    // at most, in at most 60 s (seconds here; the kernel matrix's emulated guests make about
+    // 340 connections a second), and at least 9,000.
     t.signal(libc::SIGSTOP);
-    // At most 30 s for them: seconds here, longer in the kernel matrix's emulated guests.
     let load = ns.twload(&[
         "churn",
         "127.0.0.1:8080",
-        "30",
+        "60",
         "12000",
         "0",
         "client",
@@ -261,17 +262,22 @@ fn starts_lost_to_a_full_ring_buffer_are_recovered_by_the_sweep() {
     ]);
     // The last clients' TIME_WAITs start when their server's FIN arrives, after twload returns.
     let settled = std::time::Instant::now() + Duration::from_secs(15);
+    let made = load["connections"].as_u64().expect("connections");
     let mut kernel = kernel_tws(&ns) - before;
-    while kernel < 12_000 && std::time::Instant::now() < settled {
+    while kernel < made && std::time::Instant::now() < settled {
         std::thread::sleep(Duration::from_millis(50));
         kernel = kernel_tws(&ns) - before;
     }
     t.signal(libc::SIGCONT);
-    assert_eq!(load["connections"].as_u64(), Some(12_000), "{load}");
-    assert_eq!(kernel, 12_000);
-    // Past the sweep (a close must be a second old), the namespace goes and takes every
-    // TIME_WAIT with it: each one is a record.
-    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        made >= 9_000,
+        "too few connections to fill the ring: {load}"
+    );
+    assert_eq!(kernel, made);
+    // Past the sweep (a close must be a second old; 4,096 lookups a second, slower in the
+    // emulated guests), the namespace goes and takes every TIME_WAIT with it: each one is a
+    // record.
+    std::thread::sleep(Duration::from_secs(8));
     ns.delete();
     let recs = t.wait_for("every TIME_WAIT purged", Duration::from_secs(30), |r| {
         r.iter().filter(|v| v["type"] == "time_wait").count() as u64 >= kernel
