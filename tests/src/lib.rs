@@ -293,6 +293,42 @@ pub fn with_port<'a>(recs: &'a [Value], ty: &str, port: u64) -> Vec<&'a Value> {
         .collect()
 }
 
+/// TIME_WAITs the kernel of `netns` started since its TcpExt counters were `before`, and how
+/// that was counted. Recent kernels count TcpExtTW + TcpExtTWKilled when a TIME_WAIT is
+/// armed; 5.10 counts them when its timer runs out, and TWRecycled when a connect() reuses
+/// one. There, what started is what is alive now plus what ended. The counters alone fall
+/// short of the TIME_WAITs alive only where they count at the end (in a fresh namespace).
+pub fn kernel_started_time_waits(
+    netns: &Netns,
+    before: &HashMap<String, u64>,
+) -> (u64, &'static str) {
+    let now = netns.tcp_ext();
+    let delta = |k: &str| now.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    let counters = delta("TW") + delta("TWKilled");
+    let alive = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "ss",
+            "-Htan",
+            "state",
+            "time-wait",
+        ],
+    )
+    .lines()
+    .count() as u64;
+    if counters >= alive {
+        (counters, "TcpExtTW + TcpExtTWKilled, counted when armed")
+    } else {
+        (
+            alive + counters + delta("TWRecycled"),
+            "TIME_WAIT sockets alive + TcpExtTW + TcpExtTWKilled + TcpExtTWRecycled (this kernel counts at the end)",
+        )
+    }
+}
+
 /// TIME_WAIT sockets in `netns` towards remote port `rport`, as `ss` counts them.
 pub fn count_time_waits(netns: &Netns, rport: u16) -> usize {
     run(

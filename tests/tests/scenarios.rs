@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use twtrace_integration::{Netns, Trace, can_run, tmp_trace, with_port};
+use twtrace_integration::{Netns, Trace, can_run, kernel_started_time_waits, tmp_trace, with_port};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -241,11 +241,7 @@ fn starts_lost_to_a_full_ring_buffer_are_recovered_by_the_sweep() {
     }
     let mut ns = Netns::new("ringfull");
     let t = Trace::start(&ns, &["--ring-mib", "1"]);
-    let kernel_tws = |ns: &Netns| {
-        let c = ns.tcp_ext();
-        c["TW"] + c["TWKilled"]
-    };
-    let before = kernel_tws(&ns);
+    let before = ns.tcp_ext();
     // Over 7,700 starts of 136 bytes do not fit in 1 MiB while the reader is stopped: 12,000
     // at most, in at most 60 s (seconds here; the kernel matrix's emulated guests make about
     // 340 connections a second), and at least 9,000.
@@ -263,11 +259,12 @@ fn starts_lost_to_a_full_ring_buffer_are_recovered_by_the_sweep() {
     // The last clients' TIME_WAITs start when their server's FIN arrives, after twload returns.
     let settled = std::time::Instant::now() + Duration::from_secs(15);
     let made = load["connections"].as_u64().expect("connections");
-    let mut kernel = kernel_tws(&ns) - before;
+    let (mut kernel, mut how) = kernel_started_time_waits(&ns, &before);
     while kernel < made && std::time::Instant::now() < settled {
-        std::thread::sleep(Duration::from_millis(50));
-        kernel = kernel_tws(&ns) - before;
+        std::thread::sleep(Duration::from_millis(200));
+        (kernel, how) = kernel_started_time_waits(&ns, &before);
     }
+    eprintln!("ring full: {made} connections, kernel {kernel} TIME_WAITs ({how})");
     t.signal(libc::SIGCONT);
     assert!(
         made >= 9_000,
@@ -778,7 +775,7 @@ fn a_hostile_comm_is_escaped_in_every_view() {
     let mut ns = Netns::new("comm");
     let hostile = "\x1b[2J\x1b]0;X\x07\nZ";
     let text = std::process::Command::new(twtrace_integration::twtrace_bin())
-        .args(["trace", "--netns", &ns.name, "--duration", "6"])
+        .args(["trace", "--netns", &ns.name, "--duration", "10"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

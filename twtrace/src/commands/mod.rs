@@ -33,22 +33,31 @@ pub struct Stop {
     sigint: Signal,
     sigterm: Signal,
     sighup: Signal,
+    /// `--duration`, counted from the first wait (once attached), not from start-up.
+    duration: Option<f64>,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Stop {
+    /// Takes over the signals at once (so one sent as soon as twtrace says it is tracing ends
+    /// it cleanly); the `duration` starts with the first wait.
     pub fn new(duration: Option<f64>) -> anyhow::Result<Self> {
         Ok(Self {
             sigint: signal(SignalKind::interrupt()).context("SIGINT handler")?,
             sigterm: signal(SignalKind::terminate()).context("SIGTERM handler")?,
             sighup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
-            deadline: duration
-                .map(|s| Box::pin(tokio::time::sleep(Duration::from_secs_f64(s.max(0.0))))),
+            duration,
+            deadline: None,
         })
     }
 
     /// Resolves once stopping is asked for; cancel-safe, for use in `select!`.
     pub async fn requested(&mut self) {
+        if let Some(s) = self.duration.take() {
+            self.deadline = Some(Box::pin(tokio::time::sleep(Duration::from_secs_f64(
+                s.max(0.0),
+            ))));
+        }
         let deadline = async {
             match self.deadline.as_mut() {
                 Some(d) => d.await,

@@ -30,6 +30,8 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
     };
     // Refuse the output path before attaching (create checks again as it creates).
     Recorder::check(&args.output, existing)?;
+    // Before attaching: a signal from the moment twtrace says it is tracing ends it cleanly.
+    let mut stop = Stop::new(args.duration)?;
     let mut source = LiveSource::start(&filters, verbose, ring, !args.no_existing)?;
     let hz = hz();
     let header = Header {
@@ -57,7 +59,6 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
         args.output.display()
     );
 
-    let mut stop = Stop::new(args.duration)?;
     // A frame a second: a crash loses at most the frame being built.
     let mut flush = tokio::time::interval(Duration::from_secs(1));
     let mut events = Vec::new();

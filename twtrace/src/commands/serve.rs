@@ -33,6 +33,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(args: &ServeArgs, verbose: bool) -> anyhow::Result<()> {
     let filters = args.filter.filters()?;
     let ring = super::ring_bytes(args.ring_mib)?;
+    // Before attaching: a signal from the moment twtrace says it is tracing ends it cleanly.
+    let mut stop = Stop::new(args.duration)?;
     let mut source = LiveSource::start(&filters, verbose, ring, true)?;
     let listener = TcpListener::bind(args.listen)
         .await
@@ -43,7 +45,6 @@ pub async fn run(args: &ServeArgs, verbose: bool) -> anyhow::Result<()> {
         exporter: Exporter::new(Box::new(move |id| cgroups.display(id))),
     }));
     eprintln!("twtrace: serving metrics on http://{}/metrics", args.listen);
-    let mut stop = Stop::new(args.duration)?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut events = Vec::new();
     let mut records = Vec::new();

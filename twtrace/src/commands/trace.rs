@@ -20,6 +20,8 @@ use twtrace::{
 pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     let filters = args.filter.filters()?;
     let ring = super::ring_bytes(args.ring_mib)?;
+    // Before attaching: a signal from the moment twtrace says it is tracing ends it cleanly.
+    let mut stop = Stop::new(args.duration)?;
     let mut source = LiveSource::start(&filters, verbose, ring, !args.no_existing)?;
     let mut agg = Aggregator::new(MonotonicClock, hz());
     let mut printer = Printer {
@@ -38,7 +40,6 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     }
     eprintln!("twtrace: tracing TIME_WAIT; Ctrl-C to stop");
 
-    let mut stop = Stop::new(args.duration)?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks = 0u64;
     let mut events = Vec::new();
