@@ -14,7 +14,9 @@ fn churn_count_equals_kernel_counters_with_no_loss() {
     ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000");
     let t = Trace::start(&ns, &[]);
     let before = ns.tcp_ext();
-    let load = ns.twload(&["churn", "127.0.0.1:8080", "4", "60000"]);
+    // 40,000 connections at most, in at most 12 s: seconds here, the whole 12 s in the kernel
+    // matrix's emulated guests (about 340 connections a second).
+    let load = ns.twload(&["churn", "127.0.0.1:8080", "12", "40000"]);
     // The last clients' TIME_WAITs start when their server's FIN arrives, after twload returns.
     std::thread::sleep(Duration::from_millis(500));
     let (kernel, how) = kernel_started_time_waits(&ns, &before);
@@ -27,7 +29,7 @@ fn churn_count_equals_kernel_counters_with_no_loss() {
         "churn: {connections} connections, kernel {kernel} TIME_WAITs ({how}), twtrace {seen}"
     );
     assert!(
-        connections > 1000,
+        connections >= 3000,
         "churn too slow to mean anything: {load}"
     );
     assert!(
