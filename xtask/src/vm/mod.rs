@@ -31,6 +31,9 @@ pub struct GuestOptions {
     /// Minutes a guest may run (boot and all its tests) before qemu is killed.
     #[arg(long, default_value_t = 20)]
     pub vm_timeout: u64,
+    /// Guests run at the same time (each keeps one host CPU busy).
+    #[arg(long, default_value_t = 2)]
+    pub vm_jobs: usize,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 2048)]
     pub vm_memory: u32,
@@ -113,35 +116,37 @@ pub fn run(
         suites.join(",")
     );
 
-    let mut rows = Vec::new();
+    // Guests side by side, `vm_jobs` at a time: each single-threaded TCG guest keeps one host
+    // CPU busy, and the machine has two.
+    let mut prepared = Vec::new();
     for (k, fetched) in guests.iter().zip(fetched) {
         let initrd = initramfs::for_kernel(&common, &fetched)?;
-        let log = kdir.join("logs").join(format!("{}.log", k.name));
-        let guest = qemu::Guest {
-            label: k.name,
-            vmlinuz: &fetched.vmlinuz,
-            initrd: &initrd,
-            append: append.clone(),
-            timeout: Duration::from_secs(opts.vm_timeout * 60),
-            log: log.clone(),
-            memory_mb: opts.vm_memory,
-            mttcg: opts.vm_mttcg,
-        };
-        eprintln!(
-            "xtask: booting {} ({}) under qemu TCG; console log: {}",
-            fetched.release,
-            fetched.version,
-            log.display()
-        );
-        let outcome = qemu::run(&guest)?;
-        eprintln!(
-            "xtask: {} {} in {:.0?}; full console log: {}",
-            k.name,
-            if outcome.passed { "passed" } else { "FAILED" },
-            outcome.total,
-            log.display()
-        );
-        rows.push((*k, fetched.release, outcome, log));
+        prepared.push((*k, fetched, initrd));
+    }
+    let queue = std::sync::Mutex::new(prepared.into_iter().enumerate());
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..opts.vm_jobs.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let Some((i, (k, fetched, initrd))) = queue.lock().unwrap().next() else {
+                        return;
+                    };
+                    let r = run_guest(&kdir, k, &fetched, &initrd, &append, opts);
+                    results
+                        .lock()
+                        .unwrap()
+                        .push((i, k, fetched.release.clone(), r));
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap();
+    results.sort_by_key(|r| r.0);
+    let mut rows = Vec::new();
+    for (_, k, release, r) in results {
+        let (outcome, log) = r?;
+        rows.push((k, release, outcome, log));
     }
 
     println!();
@@ -386,4 +391,41 @@ mod tests {
             "LS10ZXN0LXRocmVhZHM9Mgp4"
         );
     }
+}
+
+/// Boots one guest and waits for its verdict.
+fn run_guest(
+    kdir: &Path,
+    k: Kernel,
+    fetched: &kernels::Fetched,
+    initrd: &Path,
+    append: &str,
+    opts: &GuestOptions,
+) -> anyhow::Result<(qemu::Outcome, PathBuf)> {
+    let log = kdir.join("logs").join(format!("{}.log", k.name));
+    let guest = qemu::Guest {
+        label: k.name,
+        vmlinuz: &fetched.vmlinuz,
+        initrd,
+        append: append.to_string(),
+        timeout: Duration::from_secs(opts.vm_timeout * 60),
+        log: log.clone(),
+        memory_mb: opts.vm_memory,
+        mttcg: opts.vm_mttcg,
+    };
+    eprintln!(
+        "xtask: booting {} ({}) under qemu TCG; console log: {}",
+        fetched.release,
+        fetched.version,
+        log.display()
+    );
+    let outcome = qemu::run(&guest)?;
+    eprintln!(
+        "xtask: {} {} in {:.0?}; full console log: {}",
+        k.name,
+        if outcome.passed { "passed" } else { "FAILED" },
+        outcome.total,
+        log.display()
+    );
+    Ok((outcome, log))
 }
