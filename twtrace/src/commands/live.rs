@@ -92,6 +92,8 @@ pub async fn run(args: &LiveArgs, verbose: bool) -> anyhow::Result<()> {
     if args.interval < 0.1 {
         bail!("--interval must be at least 0.1 s");
     }
+    // The signals first: from attaching on, SIGINT, SIGTERM and SIGHUP end the view cleanly.
+    let stop = Stop::new(args.duration)?;
     // Start tracing before taking over the terminal, so errors print as one plain line.
     let source = LiveSource::start(&filters, verbose, ring, true)?;
     let agg = Aggregator::new(MonotonicClock, hz());
@@ -105,9 +107,9 @@ pub async fn run(args: &LiveArgs, verbose: bool) -> anyhow::Result<()> {
     };
     let interval = Duration::from_secs_f64(args.interval);
     if !io::stdout().is_terminal() {
-        return plain(source, agg, interval, args.duration).await;
+        return plain(source, agg, interval, stop).await;
     }
-    view(source, agg, &id, interval, args.duration).await
+    view(source, agg, &id, interval, stop).await
 }
 
 pub async fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
@@ -142,12 +144,13 @@ pub async fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
         started: Instant::now(),
         speed: args.speed,
     };
+    let stop = Stop::new(None)?;
     view(
         feed,
         agg,
         &id,
         Duration::from_secs_f64(args.interval / args.speed),
-        None,
+        stop,
     )
     .await
 }
@@ -158,7 +161,7 @@ async fn view<C: Clock, F: Feed>(
     mut agg: Aggregator<C>,
     id: &Identity,
     interval: Duration,
-    duration: Option<f64>,
+    mut stop: Stop,
 ) -> anyhow::Result<()> {
     let mut term = ratatui::try_init().context("cannot take over the terminal")?;
     let result = async {
@@ -167,7 +170,6 @@ async fn view<C: Clock, F: Feed>(
             ..ViewState::default()
         };
         let mut cgroups = CgroupNames::default();
-        let mut stop = Stop::new(duration)?;
         let mut refresh = tokio::time::interval(interval);
         let mut keys = tokio::time::interval(Duration::from_millis(50));
         let mut input: Option<String> = None;
@@ -260,12 +262,11 @@ async fn plain(
     mut source: LiveSource,
     mut agg: Aggregator<MonotonicClock>,
     interval: Duration,
-    duration: Option<f64>,
+    mut stop: Stop,
 ) -> anyhow::Result<()> {
     eprintln!(
         "twtrace: stdout is not a terminal: printing a summary every {interval:?} (use `twtrace trace` for events)"
     );
-    let mut stop = Stop::new(duration)?;
     let mut refresh = tokio::time::interval(interval);
     let mut v = ViewState::default();
     let mut events = Vec::new();
