@@ -293,18 +293,29 @@ pub fn with_port<'a>(recs: &'a [Value], ty: &str, port: u64) -> Vec<&'a Value> {
         .collect()
 }
 
+/// How a kernel counts its TIME_WAITs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TwCounting {
+    /// TcpExtTW + TcpExtTWKilled when a TIME_WAIT is armed.
+    AtStart,
+    /// TcpExtTW + TcpExtTWKilled when its timer runs out, TcpExtTWRecycled when a connect()
+    /// reuses it (5.10); one an inbound SYN recycles is counted nowhere.
+    AtEnd,
+}
+
 /// TIME_WAITs the kernel of `netns` started since its TcpExt counters were `before`, and how
-/// that was counted. Recent kernels count TcpExtTW + TcpExtTWKilled when a TIME_WAIT is
-/// armed; 5.10 counts them when its timer runs out, and TWRecycled when a connect() reuses
-/// one. There, what started is what is alive now plus what ended. The counters alone fall
-/// short of the TIME_WAITs alive only where they count at the end (in a fresh namespace).
+/// the kernel counts them. Where it counts at the end, what started is what is alive now (in
+/// either substate) plus what ended and was counted. The counters alone fall short of the
+/// TIME_WAITs alive only where they count at the end (in a fresh namespace).
 pub fn kernel_started_time_waits(
     netns: &Netns,
     before: &HashMap<String, u64>,
-) -> (u64, &'static str) {
+) -> (u64, TwCounting) {
     let now = netns.tcp_ext();
     let delta = |k: &str| now.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
     let counters = delta("TW") + delta("TWKilled");
+    // A TIME_WAIT socket in its FIN_WAIT2 substate is listed as fin-wait-2, with the
+    // timewait timer.
     let alive = run(
         "ip",
         &[
@@ -312,20 +323,20 @@ pub fn kernel_started_time_waits(
             "exec",
             &netns.name,
             "ss",
-            "-Htan",
+            "-Htano",
             "state",
             "time-wait",
+            "state",
+            "fin-wait-2",
         ],
     )
     .lines()
+    .filter(|l| l.contains("timer:(timewait"))
     .count() as u64;
     if counters >= alive {
-        (counters, "TcpExtTW + TcpExtTWKilled, counted when armed")
+        (counters, TwCounting::AtStart)
     } else {
-        (
-            alive + counters + delta("TWRecycled"),
-            "TIME_WAIT sockets alive + TcpExtTW + TcpExtTWKilled + TcpExtTWRecycled (this kernel counts at the end)",
-        )
+        (alive + counters + delta("TWRecycled"), TwCounting::AtEnd)
     }
 }
 
