@@ -285,6 +285,10 @@ pub struct Aggregator<C: Clock> {
     jiffy_ns: u64,
     alive: AliveSet,
     early_ends: FastMap<TwKey, (TwEnd, u64)>,
+    /// Starts the sweep recovered for connections already gone, with when they arrived: a
+    /// TIME_WAIT only if its end is seen, which may come later (a namespace's purge of
+    /// thousands of TIME_WAITs takes a while). Kept as long as a TIME_WAIT can live.
+    gone_starts: FastMap<TwKey, (TwEnter, u64)>,
     recent_ends: FastMap<u64, u64>,
     /// Event time of the first end, and whether the start-up scan's result came: ends are
     /// remembered in `recent_ends` only while a scan may still race with them.
@@ -319,6 +323,7 @@ impl<C: Clock> Aggregator<C> {
             jiffy_ns: 1_000_000_000 / u64::from(hz.max(1)),
             alive: AliveSet::default(),
             early_ends: FastMap::default(),
+            gone_starts: FastMap::default(),
             recent_ends: FastMap::default(),
             first_end_ns: None,
             scan_seen: false,
@@ -579,7 +584,11 @@ impl<C: Clock> Aggregator<C> {
             // Known already (its start was read after all), or gone without an end seen: then
             // it closed without a TIME_WAIT, or the TIME_WAIT's end is lost too.
             Some(_) if self.alive.contains_key(&e.key) => return,
-            Some(Recovered::Gone) if !self.early_ends.contains_key(&e.key) => return,
+            Some(Recovered::Gone) if !self.early_ends.contains_key(&e.key) => {
+                let now = self.clock.now_ns();
+                self.gone_starts.insert(e.key, (e, now));
+                return;
+            }
             Some(_) => self.totals.recovered += 1,
             None => {
                 if let Some(tw) = self.alive.get_mut(&e.key)
@@ -659,6 +668,14 @@ impl<C: Clock> Aggregator<C> {
 
     fn end(&mut self, e: TwEnd, out: &mut Vec<Record>) {
         let key = self.alive_key(e.key, e.addr);
+        if !self.alive.contains_key(&key)
+            && let Some((start, _)) = self.gone_starts.remove(&key)
+        {
+            // Its end settles the sweep's doubt: it was a TIME_WAIT.
+            self.early_ends.insert(key, (e, self.clock.now_ns()));
+            self.enter(start, out);
+            return;
+        }
         let Some(mut tw) = self.alive.remove(&key) else {
             let now = self.clock.now_ns();
             if self.early_ends.insert(e.key, (e, now)).is_some() {
@@ -735,6 +752,9 @@ impl<C: Clock> Aggregator<C> {
         self.early_ends
             .retain(|_, (_, arrived)| now.saturating_sub(*arrived) < EARLY_END_TTL_NS);
         self.totals.unmatched_ends += (before - self.early_ends.len()) as u64;
+        self.gone_starts.retain(|_, (_, arrived)| {
+            now.saturating_sub(*arrived) < TIMEWAIT_LEN_NS + OVERDUE_GRACE_NS
+        });
         self.recent_ends
             .retain(|_, ended| now.saturating_sub(*ended) < RECENT_END_TTL_NS);
         let overdue = self
@@ -1022,6 +1042,32 @@ pub(crate) mod tests {
         assert_eq!(a.ends_without_start(), 0);
         let r = only_tw(&out);
         assert_eq!((r.end, r.lifetime_ns()), (EndReason::Reused, 2 * S));
+    }
+
+    #[test]
+    fn an_end_after_the_sweep_found_its_connection_gone_makes_it_a_time_wait() {
+        // A namespace deleted with thousands of TIME_WAITs: the sweep reports the starts it
+        // missed as gone before the purge's ends come in.
+        let (mut a, clock) = agg();
+        let mut out = vec![];
+        a.ingest(recovered(TwKey::Cookie(3), S, Recovered::Gone), &mut out);
+        assert_eq!(a.totals().entered, 0);
+        clock.set(40 * S);
+        a.tick();
+        a.ingest(end(TwKey::Cookie(3), 40 * S, EndReason::Purged), &mut out);
+        assert_eq!((a.totals().entered, a.totals().recovered), (1, 1));
+        assert_eq!(a.ends_without_start(), 0);
+        assert_eq!(only_tw(&out).end, EndReason::Purged);
+        // One whose end never comes is forgotten once no TIME_WAIT could still live.
+        a.ingest(
+            recovered(TwKey::Cookie(4), 41 * S, Recovered::Gone),
+            &mut out,
+        );
+        clock.set(41 * S + TIMEWAIT_LEN_NS + OVERDUE_GRACE_NS);
+        a.tick();
+        a.ingest(end(TwKey::Cookie(4), 200 * S, EndReason::Purged), &mut out);
+        assert_eq!(a.totals().entered, 1);
+        assert_eq!(a.ends_without_start(), 1);
     }
 
     #[test]
