@@ -20,8 +20,10 @@ use crate::event::{
 
 /// TCP_TIMEWAIT_LEN: a true TIME_WAIT's timer.
 pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
-/// An end that arrives before its enter (another CPU's record overtook it) waits this long.
-const EARLY_END_TTL_NS: u64 = 5_000_000_000;
+/// An end that arrives before its enter waits this long: another CPU's record overtook it,
+/// or its start was lost and the sweep will report it (as gone, when the namespace was
+/// deleted meanwhile; a sweep under load can take seconds). As long as a TIME_WAIT lives.
+const EARLY_END_TTL_NS: u64 = 65_000_000_000;
 /// Cookies of ended TIME_WAITs are remembered this long, so a start-up scan that raced with
 /// their end does not bring them back; after the scan's result, or this long after the first
 /// end when no scan comes, nothing more is remembered.
