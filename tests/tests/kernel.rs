@@ -19,7 +19,6 @@ const EVERYWHERE: &[&str] = &[
     "failed connect (EADDRNOTAVAIL)",
     "failed bind (EADDRINUSE)",
     "start-up scan of existing TIME_WAITs (sock_diag)",
-    "sweep for starts and ends no program saw (sock_diag)",
 ];
 
 #[test]

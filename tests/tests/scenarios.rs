@@ -272,15 +272,33 @@ fn starts_lost_to_a_full_ring_buffer_are_recovered_by_the_sweep() {
         made >= 9_000,
         "too few connections to fill the ring: {load}"
     );
-    assert_eq!(kernel, made);
+    // Where the kernel counts at the end, kills it counts nowhere make its figure fall short.
+    if how == twtrace_integration::TwCounting::AtStart {
+        assert_eq!(kernel, made);
+    }
     // Past the sweep (a close must be a second old; 4,096 lookups a second, slower in the
     // emulated guests), the namespace goes and takes every TIME_WAIT with it: each one is a
     // record.
     std::thread::sleep(Duration::from_secs(8));
     ns.delete();
-    let recs = t.wait_for("every TIME_WAIT purged", Duration::from_secs(120), |r| {
-        r.iter().filter(|v| v["type"] == "time_wait").count() as u64 >= kernel
-    });
+    // Without the cookie helper (5.10), a missed start whose namespace is gone before the
+    // sweep looks is not paired with its end: the capability says so, and only the exact
+    // count is left out.
+    let sweep_degraded = sweep_is_degraded();
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    let recs = loop {
+        let r = t.records();
+        let n = r.iter().filter(|v| v["type"] == "time_wait").count() as u64;
+        if n >= kernel || (sweep_degraded && std::time::Instant::now() >= until) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{n} of {kernel} TIME_WAITs purged: {}",
+            t.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let recovered: Vec<&Value> = recs
         .iter()
         .filter(|v| v["type"] == "time_wait" && v["recovered"] == true)
@@ -297,6 +315,13 @@ fn starts_lost_to_a_full_ring_buffer_are_recovered_by_the_sweep() {
     }
     let (recs, _) = t.stop();
     let summary = recs.last().unwrap();
+    if sweep_degraded {
+        println!(
+            "degraded on this kernel: the sweep: {} of {kernel} TIME_WAITs entered, {} recovered; the exact count is not checked",
+            summary["totals"]["entered"], summary["totals"]["recovered"]
+        );
+        return;
+    }
     assert_eq!(
         summary["totals"]["entered"].as_u64(),
         Some(kernel),
@@ -823,4 +848,20 @@ fn sighup_ends_trace_with_its_summary() {
     let (recs, stderr) = t.stop_with(libc::SIGHUP);
     let last = recs.last().expect("a summary");
     assert_eq!(last["type"], "summary", "{stderr}");
+}
+
+/// Whether `twtrace check` says the sweep is degraded on this kernel.
+fn sweep_is_degraded() -> bool {
+    let out = std::process::Command::new(twtrace_integration::twtrace_bin())
+        .args(["check", "--json"])
+        .output()
+        .expect("twtrace check");
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("check --json");
+    doc["capabilities"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            c["name"].as_str().is_some_and(|n| n.starts_with("sweep")) && c["status"] == "degraded"
+        })
 }

@@ -289,17 +289,16 @@ pub fn sock_key(sk: *mut core::ffi::c_void, slot: Slot) -> Option<u64> {
 }
 
 /// The key of a TIME_WAIT whose block and connection `read_conn` just read into `slot`, and
-/// the cookie to report for it. Where the kernel programs cannot assign cookies, one it has
-/// none of is reported by its [`conn_key`], the key the sweep knows its close by; one that
-/// gets a real cookie meanwhile (an `ss` dump) is still found by its address.
+/// the cookie to report for it (0 where the kernel programs cannot assign cookies: then
+/// userspace knows it by its address, which stays put while it lives, and finds it by that
+/// address again should a sock_diag dump such as `ss` give it a cookie meanwhile).
 #[inline(always)]
 pub fn tw_key(conn: &Conn, slot: Slot) -> (u64, u64) {
     let cookie = block_field(slot, conf!(off.skc_cookie)).unwrap_or(0);
     if has(feature::SOCKET_COOKIE) {
         (cookie, cookie)
     } else {
-        let key = conn_key(conn);
-        (key, if cookie != 0 { cookie } else { key })
+        (conn_key(conn), cookie)
     }
 }
 

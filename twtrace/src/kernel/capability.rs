@@ -139,7 +139,12 @@ pub fn capabilities(
         cap("start-up scan of existing TIME_WAITs (sock_diag)", diag()),
         cap(
             "sweep for starts and ends no program saw (sock_diag)",
-            diag(),
+            match diag() {
+                Available if !on(feature::SOCKET_COOKIE) => Degraded(
+                    "without the cookie helper, a missed start whose connection is gone when the sweep looks is not paired with its end (counted as an end never seen starting)".into(),
+                ),
+                other => other,
+            },
         ),
     ]
 }
@@ -192,7 +197,7 @@ mod tests {
         // A 5.10-like kernel: no cookie helper, no TIME_WAIT RST trace.
         let r = resolved(feature::NETNS_REFCOUNT | feature::TW_BUCKETS);
         let d = degraded(&r, Some("tracefs is not mounted"), None);
-        assert_eq!(d.len(), 2, "{d:?}");
+        assert_eq!(d.len(), 3, "{d:?}");
         assert_eq!(
             d[0],
             format!(
@@ -204,6 +209,12 @@ mod tests {
             d[1],
             "missing on this kernel: failed bind (EADDRINUSE): tracefs is not mounted"
         );
+        assert!(
+            d[2].starts_with("degraded on this kernel: sweep"),
+            "{}",
+            d[2]
+        );
+        assert!(d[2].contains("cookie helper"));
         let r = resolved(15 & !feature::TW_BUCKETS);
         let d = degraded(&r, None, None);
         assert_eq!(d.len(), 1);
