@@ -378,21 +378,6 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64() {
-        assert_eq!(super::base64(b""), "");
-        assert_eq!(super::base64(b"f"), "Zg==");
-        assert_eq!(super::base64(b"fo"), "Zm8=");
-        assert_eq!(super::base64(b"foo"), "Zm9v");
-        assert_eq!(
-            super::base64(b"--test-threads=2\nx"),
-            "LS10ZXN0LXRocmVhZHM9Mgp4"
-        );
-    }
-}
-
 /// Boots one guest and waits for its verdict.
 fn run_guest(
     kdir: &Path,
@@ -428,4 +413,19 @@ fn run_guest(
         log.display()
     );
     Ok((outcome, log))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64() {
+        assert_eq!(super::base64(b""), "");
+        assert_eq!(super::base64(b"f"), "Zg==");
+        assert_eq!(super::base64(b"fo"), "Zm8=");
+        assert_eq!(super::base64(b"foo"), "Zm9v");
+        assert_eq!(
+            super::base64(b"--test-threads=2\nx"),
+            "LS10ZXN0LXRocmVhZHM9Mgp4"
+        );
+    }
 }
