@@ -285,11 +285,18 @@ fn starts_lost_to_a_full_ring_buffer_are_recovered_by_the_sweep() {
     // sweep looks is not paired with its end: the capability says so, and only the exact
     // count is left out.
     let sweep_degraded = sweep_is_degraded();
-    let until = std::time::Instant::now() + Duration::from_secs(120);
+    // Until every one is a record, or none came for 15 s: the purge's burst of ends can fill
+    // the 1 MiB ring too where the reader is slow (the emulated guests); such ends are lost,
+    // and counted.
+    let until = std::time::Instant::now() + Duration::from_secs(180);
+    let (mut seen, mut grew) = (0u64, std::time::Instant::now());
     let recs = loop {
         let r = t.records();
         let n = r.iter().filter(|v| v["type"] == "time_wait").count() as u64;
-        if n >= kernel || (sweep_degraded && std::time::Instant::now() >= until) {
+        if n > seen {
+            (seen, grew) = (n, std::time::Instant::now());
+        }
+        if n >= kernel || grew.elapsed() > Duration::from_secs(15) {
             break r;
         }
         assert!(
@@ -299,6 +306,7 @@ fn starts_lost_to_a_full_ring_buffer_are_recovered_by_the_sweep() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
+    let shortfall = kernel.saturating_sub(seen);
     let recovered: Vec<&Value> = recs
         .iter()
         .filter(|v| v["type"] == "time_wait" && v["recovered"] == true)
@@ -331,7 +339,15 @@ fn starts_lost_to_a_full_ring_buffer_are_recovered_by_the_sweep() {
         summary["totals"]["recovered"].as_u64(),
         Some(recovered.len() as u64)
     );
-    assert!(summary["loss"]["ringbuf_full"].as_u64().unwrap() >= recovered.len() as u64);
+    // Every TIME_WAIT is a record, or an end the full ring dropped, counted.
+    let dropped = summary["loss"]["ringbuf_full"].as_u64().unwrap();
+    assert!(
+        dropped >= recovered.len() as u64 + shortfall,
+        "{shortfall} ends missing, {dropped} records dropped: {summary}"
+    );
+    if shortfall > 0 {
+        println!("ring full: {shortfall} ends of the purge dropped by the full ring, counted");
+    }
 }
 
 #[test]
