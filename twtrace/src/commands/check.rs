@@ -2,13 +2,10 @@
 //! here (each capability available, degraded or missing, and why) and which program variants
 //! it chose. Loads and attaches the programs for real, then detaches.
 
-use std::path::Path;
-
 use serde_json::json;
 use twtrace::{
     cli::CheckArgs,
     kernel::{
-        btf::KernelBtf,
         capability::{self, Status},
         config_hz, netns, sock_diag,
         tracer::{self, BTF_PATH, Tracer, TracerOptions},
@@ -20,7 +17,6 @@ use super::read_proc;
 pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
     let kernel = read_proc("/proc/sys/kernel/osrelease");
     tracer::preflight()?;
-    KernelBtf::load(Path::new(BTF_PATH))?;
     let setup = tracer::kernel_config(&TracerOptions::default())?;
     let hz = config_hz();
     let reachable = netns::enumerate().len();
