@@ -120,7 +120,7 @@ fn assert_users_0600_trace(p: &Path) {
     assert!(m.is_file(), "{}: {:?}", p.display(), m.file_type());
     assert_eq!(m.mode() & 0o7777, 0o600, "{}", p.display());
     assert_eq!((m.uid(), m.gid()), (USER, USER), "{}", p.display());
-    let t = twtrace::record::read(p).unwrap();
+    let t = twtrace::record::Reader::open(p).unwrap();
     assert_eq!(t.header.format, twtrace::record::FORMAT);
 }
 

@@ -571,12 +571,19 @@ impl<C: Clock> Aggregator<C> {
                 self.passive_closes.extend(passive_closes);
                 self.loss = loss;
             }
-            Event::TwExisting { ts_ns, sockets } => {
+            Event::TwExisting {
+                ts_ns,
+                sockets,
+                more,
+            } => {
                 for s in sockets {
                     self.existing(ts_ns, s, out);
                 }
-                self.scan_seen = true;
-                self.recent_ends = FastMap::default();
+                // The ends seen before the scan matter until its last part.
+                if !more {
+                    self.scan_seen = true;
+                    self.recent_ends = FastMap::default();
+                }
             }
         }
     }
@@ -1103,6 +1110,7 @@ pub(crate) mod tests {
             Event::TwExisting {
                 ts_ns: 100 * S,
                 sockets: vec![existing(77, 45_000)],
+                more: false,
             },
             &mut out,
         );
@@ -1134,6 +1142,7 @@ pub(crate) mod tests {
             Event::TwExisting {
                 ts_ns: 3 * S,
                 sockets: vec![existing(1, 59_000), existing(2, 59_000), existing(3, 1_000)],
+                more: false,
             },
             &mut out,
         );
@@ -1153,6 +1162,7 @@ pub(crate) mod tests {
             Event::TwExisting {
                 ts_ns: 3 * S,
                 sockets: vec![existing(5, 59_000)],
+                more: false,
             },
             &mut out,
         );
@@ -1203,6 +1213,7 @@ pub(crate) mod tests {
             Event::TwExisting {
                 ts_ns: 3 * S,
                 sockets: vec![],
+                more: false,
             },
             &mut out,
         );

@@ -362,10 +362,13 @@ pub enum Event {
     TwEnd(TwEnd),
     NoTimeWait(NoTimeWait),
     PortFailure(PortFailure),
-    /// Pre-existing TIME_WAITs, as of `ts_ns`.
+    /// Pre-existing TIME_WAITs, as of `ts_ns`. A recording splits a large scan into parts
+    /// (its frames are bounded): each but the last says `more`.
     TwExisting {
         ts_ns: u64,
         sockets: Vec<TwExisting>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
     },
     /// A namespace's settings as read at `ts_ns`.
     Settings {

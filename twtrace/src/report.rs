@@ -14,7 +14,7 @@ use crate::{
     event::{EndReason, NetnsSettings, PortOp, Role},
     filter::{EventFilter, Filters},
     kernel::tracer::Loss,
-    record::Trace,
+    record::{Frames, RecordError},
     stats::Lifetimes,
 };
 
@@ -123,10 +123,15 @@ fn pct(part: u64, whole: u64) -> f64 {
     }
 }
 
-/// Replays `traces` (in order) through an aggregator and summarises.
-pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> Report {
+/// Replays `traces` (in order) through an aggregator and summarises. Each is read frame by
+/// frame: the report holds the aggregator's state, never the recording.
+pub fn build<F: Frames>(
+    traces: &mut [(String, F)],
+    filters: &Filters,
+    window: Window,
+) -> Result<Report, RecordError> {
     let clock = ReplayClock::default();
-    let hz = traces.first().map_or(250, |(_, t)| t.header.hz);
+    let hz = traces.first().map_or(250, |(_, t)| t.header().hz);
     let mut agg = Aggregator::new(clock.clone(), hz);
     let mut filter = EventFilter::new(filters.clone());
     let mut records = Vec::new();
@@ -150,68 +155,69 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
     /// Seconds stepped one at a time across a gap between events: past every TIME_WAIT's
     /// timer, a tick changes nothing more.
     const MAX_IDLE_TICKS: u64 = 3600;
-    for (_, trace) in traces {
-        for ev in trace.events() {
-            let ts = ev.ts_ns();
-            if !window.contains(ts) {
-                continue;
-            }
-            let mut ev = ev.clone();
-            if !filter.admit(&mut ev) {
-                continue;
-            }
-            events += 1;
-            first.get_or_insert(ts);
-            last = last.max(ts);
-            clock.set(last);
-            if next_tick == 0 {
-                next_tick = (ts - ts % SECOND).saturating_add(SECOND);
-                next_sample = ts + PRESSURE_SAMPLE_NS;
-            }
-            let mut steps = 0;
-            while ts >= next_tick {
-                agg.tick();
-                let n = agg.alive_count();
-                alive_peak = alive_peak.max(n);
-                alive_sum += n as u64;
-                alive_samples += 1;
-                next_tick = next_tick.saturating_add(SECOND);
-                steps += 1;
-                if next_tick == u64::MAX {
-                    break;
+    for (_, trace) in traces.iter_mut() {
+        while let Some(frame) = trace.next_frame()? {
+            for mut ev in frame {
+                let ts = ev.ts_ns();
+                if !window.contains(ts) {
+                    continue;
                 }
-                if steps == MAX_IDLE_TICKS && ts >= next_tick {
-                    // A gap longer than any TIME_WAIT (or a damaged timestamp): nothing is
-                    // left to expire second by second, so the rest of it is one step.
-                    let rest = (ts - next_tick) / SECOND + 1;
+                if !filter.admit(&mut ev) {
+                    continue;
+                }
+                events += 1;
+                first.get_or_insert(ts);
+                last = last.max(ts);
+                clock.set(last);
+                if next_tick == 0 {
+                    next_tick = (ts - ts % SECOND).saturating_add(SECOND);
+                    next_sample = ts + PRESSURE_SAMPLE_NS;
+                }
+                let mut steps = 0;
+                while ts >= next_tick {
                     agg.tick();
-                    let n = agg.alive_count() as u64;
-                    alive_sum += n * rest;
-                    alive_samples += rest;
-                    next_tick = next_tick.saturating_add(rest.saturating_mul(SECOND));
+                    let n = agg.alive_count();
+                    alive_peak = alive_peak.max(n);
+                    alive_sum += n as u64;
+                    alive_samples += 1;
+                    next_tick = next_tick.saturating_add(SECOND);
+                    steps += 1;
+                    if next_tick == u64::MAX {
+                        break;
+                    }
+                    if steps == MAX_IDLE_TICKS && ts >= next_tick {
+                        // A gap longer than any TIME_WAIT (or a damaged timestamp): nothing is
+                        // left to expire second by second, so the rest of it is one step.
+                        let rest = (ts - next_tick) / SECOND + 1;
+                        agg.tick();
+                        let n = agg.alive_count() as u64;
+                        alive_sum += n * rest;
+                        alive_samples += rest;
+                        next_tick = next_tick.saturating_add(rest.saturating_mul(SECOND));
+                    }
                 }
-            }
-            if ts >= next_sample {
-                sample(&agg, &mut peaks);
-                next_sample = ts + PRESSURE_SAMPLE_NS;
-            }
-            agg.ingest(ev, &mut records);
-            for r in records.drain(..) {
-                match r {
-                    Record::TimeWait(t) => {
-                        *tw_by_netns.entry(t.tw.conn.netns).or_default() += 1;
-                        if t.tw.role != Role::Server {
-                            dests
-                                .entry((t.tw.conn.netns, t.tw.conn.raddr, t.tw.conn.rport))
-                                .or_default()
-                                .0 += 1;
+                if ts >= next_sample {
+                    sample(&agg, &mut peaks);
+                    next_sample = ts + PRESSURE_SAMPLE_NS;
+                }
+                agg.ingest(ev, &mut records);
+                for r in records.drain(..) {
+                    match r {
+                        Record::TimeWait(t) => {
+                            *tw_by_netns.entry(t.tw.conn.netns).or_default() += 1;
+                            if t.tw.role != Role::Server {
+                                dests
+                                    .entry((t.tw.conn.netns, t.tw.conn.raddr, t.tw.conn.rport))
+                                    .or_default()
+                                    .0 += 1;
+                            }
                         }
+                        Record::PortFailure(f) if f.failure.op == PortOp::Connect => {
+                            let c = &f.failure.conn;
+                            dests.entry((c.netns, c.raddr, c.rport)).or_default().1 += 1;
+                        }
+                        _ => {}
                     }
-                    Record::PortFailure(f) if f.failure.op == PortOp::Connect => {
-                        let c = &f.failure.conn;
-                        dests.entry((c.netns, c.raddr, c.rport)).or_default().1 += 1;
-                    }
-                    _ => {}
                 }
             }
         }
@@ -224,7 +230,9 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
     let per_min = |n: u64| n as f64 / minutes;
     let t = agg.totals().clone();
     let closed = agg.connections_closed();
-    let offset = traces.first().map_or(0, |(_, t)| t.header.clock_offset_ns);
+    let offset = traces
+        .first()
+        .map_or(0, |(_, t)| t.header().clock_offset_ns);
     let rfc = |ns: u64| {
         crate::output::TimeBase::with_offset_ns(offset)
             .utc(ns)
@@ -281,10 +289,7 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
 
     let advice = advice::advise(&Evidence::of(&agg, &pressure_peaks));
     let f = agg.failures();
-    let mut warnings: Vec<String> = traces
-        .iter()
-        .flat_map(|(_, t)| t.warnings.clone())
-        .collect();
+    let mut warnings: Vec<String> = traces.iter().flat_map(|(_, t)| t.warnings()).collect();
     let loss = agg.loss().clone();
     if !loss.is_zero() {
         warnings.push(format!(
@@ -292,20 +297,20 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
             loss.ringbuf_full, loss.recursion_misses, t.recovered
         ));
     }
-    Report {
+    Ok(Report {
         files: traces.iter().map(|(n, _)| n.clone()).collect(),
         hostname: traces
             .first()
-            .map(|(_, t)| t.header.hostname.clone())
+            .map(|(_, t)| t.header().hostname.clone())
             .unwrap_or_default(),
         kernel: traces
             .first()
-            .map(|(_, t)| t.header.kernel.clone())
+            .map(|(_, t)| t.header().kernel.clone())
             .unwrap_or_default(),
         degraded: traces
             .first()
             .map(|(_, t)| {
-                t.header
+                t.header()
                     .degraded
                     .iter()
                     .map(|d| crate::text::printable(d).into_owned())
@@ -364,7 +369,7 @@ pub fn build(traces: &[(String, Trace)], filters: &Filters, window: Window) -> R
         ends_without_start: agg.ends_without_start(),
         warnings,
         totals: t,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -373,18 +378,18 @@ mod tests {
     use crate::{
         aggregate::tests::{end, enter},
         event::{Event, Substate, TwKey},
-        record::Header,
+        record::{Header, InMemory},
     };
 
-    fn trace(events: Vec<Event>) -> (String, Trace) {
+    fn trace(events: Vec<Event>) -> (String, InMemory) {
         (
             "t".into(),
-            Trace {
+            InMemory {
                 header: Header {
                     kernel: "k".into(),
                     ..Header::new("h", 250)
                 },
-                frames: vec![events],
+                frames: vec![events].into(),
                 warnings: vec![],
             },
         )
@@ -398,7 +403,7 @@ mod tests {
             end(TwKey::Cookie(1), u64::MAX, EndReason::Expired),
         ];
         let started = std::time::Instant::now();
-        let r = build(&[trace(evs)], &Filters::default(), Window::default());
+        let r = build(&mut [trace(evs)], &Filters::default(), Window::default()).unwrap();
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
         assert_eq!(r.totals.entered, 1);
     }
@@ -417,7 +422,7 @@ mod tests {
             evs.push(end(k, i * SECOND + (i + 1) * SECOND, reason));
         }
         evs.sort_by_key(Event::ts_ns);
-        let r = build(&[trace(evs)], &Filters::default(), Window::default());
+        let r = build(&mut [trace(evs)], &Filters::default(), Window::default()).unwrap();
         assert_eq!(r.totals.entered, 10);
         assert_eq!(r.totals.ended, 10);
         assert_eq!(r.reused_pct, 30.0);
@@ -441,13 +446,13 @@ mod tests {
             from_ns: Some(5 * SECOND),
             to_ns: None,
         };
-        let r = build(&[trace(evs.clone())], &Filters::default(), w);
+        let r = build(&mut [trace(evs.clone())], &Filters::default(), w).unwrap();
         assert_eq!(r.totals.entered, 1);
         let only_other = Filters {
             comm: Some("nobody".into()),
             ..Filters::default()
         };
-        let r = build(&[trace(evs)], &only_other, Window::default());
+        let r = build(&mut [trace(evs)], &only_other, Window::default()).unwrap();
         assert_eq!(r.totals.entered, 0);
         assert_eq!(
             r.totals.unmatched_ends, 0,

@@ -131,7 +131,11 @@ impl LiveSource {
                             .filter(|s| self.filters.matches_conn(&s.conn))
                             .collect()
                     };
-                    out.push(Event::TwExisting { ts_ns, sockets });
+                    out.push(Event::TwExisting {
+                        ts_ns,
+                        sockets,
+                        more: false,
+                    });
                 }
             }
         }

@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask vm`, `cargo xtask setup`.
+//! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask vm`, `cargo xtask fuzz`,
+//! `cargo xtask setup`.
 //!
 //! A fresh machine has none of the eBPF toolchain, so every task first installs what is
 //! missing: the nightly's rust-src (for `-Z build-std`), LLVM 22's development files and a
@@ -13,6 +14,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod vm;
 
 #[derive(Parser)]
@@ -51,6 +53,11 @@ enum Task {
         /// Extra arguments for the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Fuzz the recording reader (cargo-fuzz) for a bounded time; the test suite runs 60 s.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
     },
     /// Run the root integration tests (scenarios, churn) only in qemu guests, one per kernel.
     Vm {
@@ -117,6 +124,10 @@ fn run() -> anyhow::Result<()> {
             setup()?;
             lint()
         }
+        Task::Fuzz { seconds } => {
+            setup()?;
+            fuzz::run(&root, seconds)
+        }
         Task::Vm {
             kernels,
             shell,
@@ -144,7 +155,11 @@ fn run() -> anyhow::Result<()> {
             let sel = vm::kernels::select(&kernels)?;
             setup()?;
             lint()?;
-            let host = if sel.host { host_tests(&args) } else { Ok(()) };
+            let host = if sel.host {
+                host_tests(&args).and_then(|()| fuzz::run(&root, 60))
+            } else {
+                Ok(())
+            };
             let guests = vm::run(&root, &sel.guests, &guest, &args);
             if let Err(e) = &host {
                 eprintln!("xtask: host tests failed: {e:#}");

@@ -503,7 +503,7 @@ fn report_time(o: &Opts) -> anyhow::Result<Value> {
             substate: Substate::FinWait2,
             timeout_jiffies: 15000,
             recovered: None,
-        }));
+        }))?;
         rec.push(&Event::TwResched(TwResched {
             ts_ns: ts + 100_000,
             cpu: 0,
@@ -511,7 +511,7 @@ fn report_time(o: &Opts) -> anyhow::Result<Value> {
             substate: Substate::TimeWait,
             timeout_jiffies: 15000,
             addr: None,
-        }));
+        }))?;
         rec.push(&Event::TwEnd(TwEnd {
             ts_ns: ts + 1_500_000_000,
             cpu: 1,
@@ -520,7 +520,7 @@ fn report_time(o: &Opts) -> anyhow::Result<Value> {
             substate: Substate::TimeWait,
             by: None,
             addr: None,
-        }));
+        }))?;
         if i % 50_000 == 0 {
             rec.flush()?;
         }

@@ -1,26 +1,19 @@
 //! `twtrace compare BEFORE AFTER`: the effect of a change.
 
-use twtrace::{
-    cli::CompareArgs,
-    compare,
-    filter::Filters,
-    output::report_text,
-    report::{self, Window},
-};
+use twtrace::{cli::CompareArgs, compare, filter::Filters, output::report_text, report::Window};
 
-use super::report::load;
+use super::report::{build, open};
 
 pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
-    let before = report::build(
-        &load(std::slice::from_ref(&args.before))?,
-        &Filters::default(),
-        Window::default(),
-    );
-    let after = report::build(
-        &load(std::slice::from_ref(&args.after))?,
-        &Filters::default(),
-        Window::default(),
-    );
+    let report_of = |file: &std::path::PathBuf| {
+        build(
+            &mut open(std::slice::from_ref(file))?,
+            &Filters::default(),
+            Window::default(),
+        )
+    };
+    let before = report_of(&args.before)?;
+    let after = report_of(&args.after)?;
     let c = compare::compare(&before, &after);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&c)?);

@@ -17,6 +17,7 @@ use twtrace::{
         ui,
     },
     output::TimeBase,
+    record::{Frames as _, Reader},
     source::LiveSource,
 };
 
@@ -39,7 +40,9 @@ impl Feed for LiveSource {
 
 /// A recording played back at `speed`, driving the aggregator's clock.
 struct Playback {
-    events: std::iter::Flatten<std::vec::IntoIter<Vec<Event>>>,
+    reader: Reader,
+    /// What is left of the frame being played.
+    frame: std::vec::IntoIter<Event>,
     next: Option<Event>,
     clock: ReplayClock,
     first_ns: u64,
@@ -69,9 +72,29 @@ impl Feed for Playback {
             }
             self.clock.set(ev.ts_ns().max(self.clock.now_ns()));
             out.push(ev);
-            self.next = self.events.next();
+            self.next = self.next_event()?;
         }
         Ok(())
+    }
+}
+
+impl Playback {
+    /// The next recorded event, reading the next frame when this one is played out.
+    fn next_event(&mut self) -> anyhow::Result<Option<Event>> {
+        loop {
+            if let Some(e) = self.frame.next() {
+                return Ok(Some(e));
+            }
+            match self.reader.next_frame()? {
+                Some(f) => self.frame = f.into_iter(),
+                None => {
+                    for w in self.reader.warnings() {
+                        log::warn!("{w}");
+                    }
+                    return Ok(None);
+                }
+            }
+        }
     }
 }
 
@@ -119,31 +142,30 @@ pub async fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
     if !io::stdout().is_terminal() {
         bail!("replay draws the live view and needs a terminal; for text, use `twtrace report`");
     }
-    let trace = twtrace::record::read(&args.file)?;
-    for w in &trace.warnings {
-        eprintln!("twtrace: warning: {w}");
-    }
+    let mut reader = Reader::open(&args.file)?;
     let clock = ReplayClock::default();
-    let first_ns = trace.first_ts_ns().unwrap_or(0);
+    let first_ns = reader.first_ts_ns()?.unwrap_or(0);
     clock.set(first_ns);
-    let agg = Aggregator::new(clock.clone(), trace.header.hz);
+    let header = reader.header.clone();
+    let agg = Aggregator::new(clock.clone(), header.hz);
     let id = Identity {
         netns: None,
-        host: trace.header.hostname.clone(),
-        kernel: trace.header.kernel.clone(),
+        host: header.hostname.clone(),
+        kernel: header.kernel.clone(),
         started_ns: first_ns,
         replay: Some(format!("{} at {}x", args.file.display(), args.speed)),
-        tb: TimeBase::with_offset_ns(trace.header.clock_offset_ns),
+        tb: TimeBase::with_offset_ns(header.clock_offset_ns),
     };
-    let mut events = trace.into_events();
-    let feed = Playback {
-        next: events.next(),
-        events,
+    let mut feed = Playback {
+        reader,
+        frame: Vec::new().into_iter(),
+        next: None,
         clock,
         first_ns,
         started: Instant::now(),
         speed: args.speed,
     };
+    feed.next = feed.next_event()?;
     let stop = Stop::new(None)?;
     view(
         feed,

@@ -85,9 +85,9 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
                     ts_ns: e.ts_ns(),
                     id,
                     path: path.to_string(),
-                });
+                })?;
             }
-            rec.push(&e);
+            rec.push(&e)?;
             agg.ingest(e, &mut sink);
         }
         sink.clear();
@@ -95,7 +95,7 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
     source.drain(&mut events);
     events.push(source.snapshot());
     for e in events.drain(..) {
-        rec.push(&e);
+        rec.push(&e)?;
         agg.ingest(e, &mut sink);
     }
     rec.flush()?;

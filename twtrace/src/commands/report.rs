@@ -4,37 +4,46 @@ use anyhow::{Context as _, bail};
 use twtrace::{
     cli::{ReportArgs, parse_offset},
     output::report_text,
-    record::{self, Trace},
+    record::{Frames, Reader},
     report::{self, Window},
 };
 
-/// Reads trace files, warning about damage on stderr.
-pub fn load(files: &[std::path::PathBuf]) -> anyhow::Result<Vec<(String, Trace)>> {
-    let mut out = Vec::new();
-    for f in files {
-        let started = std::time::Instant::now();
-        let t = record::read(f)?;
-        log::info!(
-            "read {} ({} frames) in {:.2} s",
-            f.display(),
-            t.frames.len(),
-            started.elapsed().as_secs_f64()
-        );
-        for w in &t.warnings {
-            eprintln!("twtrace: warning: {w}");
-        }
-        out.push((f.display().to_string(), t));
+/// Opens trace files: each header is read now, the frames as the report goes.
+pub fn open(files: &[std::path::PathBuf]) -> anyhow::Result<Vec<(String, Reader)>> {
+    files
+        .iter()
+        .map(|f| Ok((f.display().to_string(), Reader::open(f)?)))
+        .collect()
+}
+
+/// Builds the report of `traces`, then warns on stderr about the damage reading them found.
+pub fn build(
+    traces: &mut [(String, Reader)],
+    filters: &twtrace::filter::Filters,
+    window: Window,
+) -> anyhow::Result<report::Report> {
+    let started = std::time::Instant::now();
+    let r = report::build(traces, filters, window)?;
+    log::info!(
+        "aggregated {} events in {:.2} s",
+        r.events,
+        started.elapsed().as_secs_f64()
+    );
+    for w in &r.warnings {
+        eprintln!("twtrace: warning: {w}");
     }
-    Ok(out)
+    Ok(r)
 }
 
 /// `--from`/`--to`: RFC 3339, or an offset from the first event.
-fn resolve(spec: &str, traces: &[(String, Trace)]) -> anyhow::Result<u64> {
-    let first = traces
-        .iter()
-        .filter_map(|(_, t)| t.first_ts_ns())
-        .min()
-        .unwrap_or(0);
+fn resolve(spec: &str, traces: &mut [(String, Reader)]) -> anyhow::Result<u64> {
+    let mut first = None::<u64>;
+    for (_, t) in traces.iter_mut() {
+        if let Some(ts) = t.first_ts_ns()? {
+            first = Some(first.map_or(ts, |f| f.min(ts)));
+        }
+    }
+    let first = first.unwrap_or(0);
     if let Some(off) = parse_offset(spec) {
         return Ok(first + off);
     }
@@ -47,17 +56,17 @@ fn resolve(spec: &str, traces: &[(String, Trace)]) -> anyhow::Result<u64> {
 }
 
 pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
-    let traces = load(&args.files)?;
+    let mut traces = open(&args.files)?;
     let window = Window {
         from_ns: args
             .from
             .as_deref()
-            .map(|s| resolve(s, &traces))
+            .map(|s| resolve(s, &mut traces))
             .transpose()?,
         to_ns: args
             .to
             .as_deref()
-            .map(|s| resolve(s, &traces))
+            .map(|s| resolve(s, &mut traces))
             .transpose()?,
     };
     if let (Some(f), Some(t)) = (window.from_ns, window.to_ns)
@@ -65,13 +74,7 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     {
         bail!("--from is after --to");
     }
-    let started = std::time::Instant::now();
-    let r = report::build(&traces, &args.filter.filters()?, window);
-    log::info!(
-        "aggregated {} events in {:.2} s",
-        r.events,
-        started.elapsed().as_secs_f64()
-    );
+    let r = build(&mut traces, &args.filter.filters()?, window)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
