@@ -126,3 +126,57 @@ fn replay_drives_the_live_view_from_a_recording() {
     assert!(s.contains("EXIT=0"), "{s}");
     let _ = std::fs::remove_file(&file);
 }
+
+/// A hang-up (the SSH session dropped) ends the live view like `q`: the terminal is given
+/// back (the alternate screen left, the cursor shown) and twtrace exits 0.
+#[test]
+fn sighup_ends_the_live_view_and_restores_the_terminal() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("hup");
+    let cmd = format!(
+        "{} --netns {} --interval 0.5; echo EXIT=$?; sleep 60",
+        twtrace_integration::twtrace_bin().display(),
+        ns.name
+    );
+    let term = Tmux::start("hup", &cmd);
+    term.wait("the view", &|s| s.contains("TIME_WAIT alive 0"));
+    assert_eq!(
+        tmux(&["display", "-p", "-t", &term.0, "#{alternate_on}"]).trim(),
+        "1"
+    );
+    // The pane runs a shell; twtrace is its only child.
+    let shell = tmux(&["list-panes", "-t", &term.0, "-F", "#{pane_pid}"]);
+    let shell = shell.trim();
+    let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).unwrap();
+    let pid: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no twtrace under the pane's shell {shell}: {children:?}"));
+    assert!(
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap()
+            .starts_with("twtrace")
+    );
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let s = term.wait("exit", &|s| s.contains("EXIT="));
+    assert!(s.contains("EXIT=0"), "{s}");
+    assert!(
+        !s.contains("TIME_WAIT alive"),
+        "terminal not restored:\n{s}"
+    );
+    assert_eq!(
+        tmux(&["display", "-p", "-t", &term.0, "#{alternate_on}"]).trim(),
+        "0"
+    );
+    assert_eq!(
+        tmux(&["display", "-p", "-t", &term.0, "#{cursor_flag}"]).trim(),
+        "1"
+    );
+}
