@@ -616,6 +616,25 @@ fn record_then_report_equals_the_live_aggregate() {
     );
     // The text report and a jq-style reading need no twtrace internals.
     assert!(twtrace(&["report", &file]).contains("connect EADDRNOTAVAIL 1"));
+    // The kernel counters recorded are the namespace's own, not the host's.
+    let own = ns.tcp_ext();
+    let text = zstd::stream::decode_all(std::fs::File::open(&file).unwrap()).unwrap();
+    let counters: Vec<Value> = String::from_utf8(text)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["ev"] == "kernel_counters" && v["netns"] == ns.inode)
+        .collect();
+    assert!(!counters.is_empty(), "no kernel counters recorded");
+    for c in &counters {
+        for k in ["TW", "TWKilled"] {
+            assert!(
+                c["counters"][k].as_u64().unwrap() <= own[k],
+                "{k}: recorded {c}, the namespace has {}",
+                own[k]
+            );
+        }
+    }
     let _ = std::fs::remove_file(&file);
 }
 

@@ -257,6 +257,13 @@ impl Exporter {
             "twtrace_time_wait_ends_without_start {}",
             agg.ends_without_start()
         );
+        family(
+            &mut o,
+            "twtrace_time_wait_end_lost_total",
+            "counter",
+            "TIME_WAITs whose end was never seen: given up on once their timer was long overdue (included in entered, not in ended).",
+        );
+        let _ = writeln!(o, "twtrace_time_wait_end_lost_total {}", t.overdue_dropped);
 
         family(
             &mut o,

@@ -291,6 +291,12 @@ pub fn build<F: Frames>(
     let f = agg.failures();
     let mut warnings: Vec<String> = traces.iter().flat_map(|(_, t)| t.warnings()).collect();
     let loss = agg.loss().clone();
+    if t.overdue_dropped > 0 {
+        warnings.push(format!(
+            "{} TIME_WAITs have no end in the recording: given up on once their timer was long overdue",
+            t.overdue_dropped
+        ));
+    }
     if !loss.is_zero() {
         warnings.push(format!(
             "the recording lost events: {} (ring buffer full), {} recursion misses ({} TIME_WAIT starts recovered by the sweep)",

@@ -221,7 +221,7 @@ pub fn warn_new_loss(now: Loss, before: &Loss) -> Loss {
 pub fn summary(agg: &Aggregator<MonotonicClock>, loss: &Loss, decode_errors: u64) {
     let t = agg.totals();
     eprintln!(
-        "twtrace: {} TIME_WAITs entered ({} found at start, {} starts recovered by the sweep), {} ended (expired {}, reused {}, recycled {}, reset {}, purged {}), {} still alive; closes without TIME_WAIT: overflow {}, abort {}, peer reset {}",
+        "twtrace: {} TIME_WAITs entered ({} found at start, {} starts recovered by the sweep), {} ended (expired {}, reused {}, recycled {}, reset {}, purged {}), {} still alive, {} whose end was never seen; closes without TIME_WAIT: overflow {}, abort {}, peer reset {}",
         t.entered,
         t.preexisting,
         t.recovered,
@@ -232,6 +232,7 @@ pub fn summary(agg: &Aggregator<MonotonicClock>, loss: &Loss, decode_errors: u64
         t.reset,
         t.purged,
         agg.alive_count(),
+        t.overdue_dropped,
         t.overflow,
         t.abort,
         t.peer_reset

@@ -32,9 +32,12 @@ pub fn read() -> io::Result<NetnsSettings> {
     })
 }
 
-/// The kernel's TIME_WAIT counters of the calling thread's namespace (/proc/net/netstat).
+/// The kernel's TIME_WAIT counters of the calling thread's namespace. /proc/net is the
+/// thread-group leader's namespace, not this thread's: the thread's own is under thread-self.
 pub fn time_wait_counters() -> io::Result<std::collections::BTreeMap<String, u64>> {
-    Ok(parse_tcp_ext(&fs::read_to_string("/proc/net/netstat")?))
+    Ok(parse_tcp_ext(&fs::read_to_string(
+        "/proc/thread-self/net/netstat",
+    )?))
 }
 
 const COUNTERS: [&str; 4] = ["TW", "TWKilled", "TWRecycled", "TCPTimeWaitOverflow"];

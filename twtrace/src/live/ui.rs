@@ -63,7 +63,12 @@ fn header(m: &Model, v: &ViewState) -> Vec<Line<'static>> {
         None => "settings: not read yet".into(),
     }));
     let l = &m.loss;
-    let lost = l.ringbuf_full + l.recursion_misses + l.read_fail + l.conn_map_fail;
+    let lost = l.ringbuf_full
+        + l.recursion_misses
+        + l.read_fail
+        + l.conn_map_fail
+        + m.ends_without_start
+        + m.totals.overdue_dropped;
     let loss_style = if lost > 0 {
         Style::default().fg(Color::White).bg(Color::Red)
     } else {
@@ -71,13 +76,14 @@ fn header(m: &Model, v: &ViewState) -> Vec<Line<'static>> {
     };
     lines.push(Line::from(vec![Span::styled(
         format!(
-            "lost: {} ring buffer full, {} recursion misses, {} failed reads, {} map full; {} starts recovered, {} ends never seen starting",
+            "lost: {} ring buffer full, {} recursion misses, {} failed reads, {} map full; {} starts recovered, {} ends never seen starting, {} ends never seen",
             l.ringbuf_full,
             l.recursion_misses,
             l.read_fail,
             l.conn_map_fail,
             m.totals.recovered,
-            m.ends_without_start
+            m.ends_without_start,
+            m.totals.overdue_dropped
         ),
         loss_style,
     )]));

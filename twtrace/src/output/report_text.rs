@@ -140,8 +140,12 @@ pub fn report(r: &Report) -> String {
     let loss = &r.loss;
     let _ = writeln!(
         o,
-        "\nLost while recording: {} events (ring buffer full), {} recursion misses; {} TIME_WAIT starts recovered by the sweep, {} ends never seen starting",
-        loss.ringbuf_full, loss.recursion_misses, t.recovered, r.ends_without_start
+        "\nLost while recording: {} events (ring buffer full), {} recursion misses; {} TIME_WAIT starts recovered by the sweep, {} ends never seen starting, {} TIME_WAITs whose end was never seen",
+        loss.ringbuf_full,
+        loss.recursion_misses,
+        t.recovered,
+        r.ends_without_start,
+        t.overdue_dropped
     );
     o
 }
