@@ -85,6 +85,31 @@ fn server_closes_first_then_netns_purge() {
     t.stop();
 }
 
+/// `-4` is IPv4 traffic, that of a dual-stack (`::`) server's IPv4 clients included: most
+/// servers listen so. Their TIME_WAITs are IPv6 sockets with IPv4-mapped addresses.
+#[test]
+fn ipv4_filter_keeps_the_ipv4_clients_of_a_dual_stack_server() {
+    if !can_run() {
+        return;
+    }
+    let mut ns = Netns::new("dual");
+    let v4 = Trace::start(&ns, &["-4"]);
+    let v6 = Trace::start(&ns, &["-6"]);
+    let load = ns.twload(&["dual-stack", "127.0.0.1:8080"]);
+    let client = port(&load);
+    // Both TIME_WAITs end with the namespace.
+    ns.delete();
+    // The server's, on 8080: kept by -4, not by -6.
+    let r = one_time_wait(&v4, client, WAIT);
+    assert_identity(&r, &ns, &load, "server");
+    assert_eq!(r["lport"], 8080);
+    assert_eq!(r["family"], "ipv6", "{r}");
+    assert_eq!(r["laddr"], "::ffff:127.0.0.1", "{r}");
+    v4.stop();
+    let (six, _) = v6.stop();
+    assert!(with_port(&six, "time_wait", client).is_empty(), "{six:#?}");
+}
+
 #[test]
 fn connection_opened_before_twtrace_still_has_its_role() {
     if !can_run() {

@@ -170,6 +170,22 @@ pub struct Conn {
     pub _pad: [u8; 6],
 }
 
+impl Conn {
+    /// The IP version of the traffic: AF_INET for an IPv4 peer of a dual-stack (`::`) socket,
+    /// whose addresses are IPv4-mapped (`::ffff:a.b.c.d`).
+    #[inline(always)]
+    pub fn ip_family(&self) -> u16 {
+        let r = &self.raddr;
+        // Spelled out byte by byte: no loop for an old verifier to walk.
+        let zero = (r[0] | r[1] | r[2] | r[3] | r[4] | r[5] | r[6] | r[7] | r[8] | r[9]) == 0;
+        if self.family == AF_INET6 && zero && r[10] == 0xff && r[11] == 0xff {
+            AF_INET
+        } else {
+            self.family
+        }
+    }
+}
+
 /// `TwOpen::flags`: the closer's attribution was carried from its close() call.
 pub const OPEN_ATTRIBUTED: u8 = 1;
 

@@ -165,6 +165,17 @@ pub struct Endpoints {
     pub rport: u16,
 }
 
+impl Endpoints {
+    /// The IP version of the traffic: IPv4 for an IPv4 peer of a dual-stack (`::`) socket,
+    /// whose addresses are IPv4-mapped (`::ffff:a.b.c.d`).
+    pub fn ip_family(&self) -> Family {
+        match self.raddr {
+            IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => Family::Ipv4,
+            _ => self.family,
+        }
+    }
+}
+
 /// How the aggregator knows one TIME_WAIT socket across events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum TwKey {

@@ -62,7 +62,7 @@ impl Filters {
     /// The filters on a connection's identity.
     pub fn matches_conn(&self, c: &Endpoints) -> bool {
         self.netns.is_none_or(|n| n == c.netns)
-            && self.family.is_none_or(|f| f == c.family)
+            && self.family.is_none_or(|f| f == c.ip_family())
             && (self.lports.is_empty() || self.lports.contains(&c.lport))
             && (self.rports.is_empty() || self.rports.contains(&c.rport))
     }
@@ -188,5 +188,39 @@ mod tests {
         f.rports.clear();
         f.family = Some(Family::Ipv6);
         assert!(!f.matches_conn(&c));
+    }
+
+    #[test]
+    fn an_ipv4_client_of_a_dual_stack_listener_is_ipv4() {
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let c = Endpoints {
+            netns: 1,
+            family: Family::Ipv6,
+            laddr: mapped,
+            lport: 80,
+            raddr: mapped,
+            rport: 5000,
+        };
+        let only = |family| Filters {
+            family: Some(family),
+            ..Default::default()
+        };
+        assert!(only(Family::Ipv4).matches_conn(&c));
+        assert!(!only(Family::Ipv6).matches_conn(&c));
+        let v6 = Endpoints {
+            raddr: "2001:db8::1".parse().unwrap(),
+            ..c
+        };
+        assert!(only(Family::Ipv6).matches_conn(&v6));
+        assert!(!only(Family::Ipv4).matches_conn(&v6));
+        // The kernel's filter agrees.
+        let mut k = twtrace_ebpf::Conn {
+            family: AF_INET6,
+            ..Default::default()
+        };
+        k.raddr[10..].copy_from_slice(&[0xff, 0xff, 127, 0, 0, 1]);
+        assert_eq!(k.ip_family(), AF_INET);
+        k.raddr[0] = 0x20;
+        assert_eq!(k.ip_family(), AF_INET6);
     }
 }

@@ -86,6 +86,23 @@ fn main() -> anyhow::Result<()> {
             thread::sleep(ms(50));
             report(serde_json::json!({ "client_port": port }));
         }
+        // Like server-first, with a dual-stack server (listening on [::]) and an IPv4
+        // client: the server's TIME_WAIT is an IPv6 socket with IPv4-mapped addresses.
+        "dual-stack" => {
+            let port: u16 = server
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(8080);
+            let l = listener(&format!("[::]:{port}"))?;
+            let (c, s) = pair(&l, &format!("127.0.0.1:{port}"))?;
+            let client_port = c.local_addr()?.port();
+            drop(s);
+            thread::sleep(ms(50));
+            drop(c);
+            thread::sleep(ms(50));
+            report(serde_json::json!({ "client_port": client_port }));
+        }
         // Like server-first, but the connection stays open until a line (or EOF) on stdin: it
         // can be opened before twtrace starts and closed after.
         "server-first-on-input" => {

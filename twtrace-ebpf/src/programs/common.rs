@@ -322,7 +322,7 @@ pub fn conn_passes(c: &Conn) -> bool {
         return false;
     }
     let family = conf!(filter.family);
-    if family != 0 && c.family != family {
+    if family != 0 && c.ip_family() != family {
         return false;
     }
     let n_l = conf!(filter.n_lports);
