@@ -12,18 +12,70 @@ pub mod tracer;
 
 use std::{fs, io::Read as _};
 
-/// Used when the kernel's CONFIG_HZ cannot be read; only timer lengths depend on it.
+/// Used when CONFIG_HZ can be neither read nor measured; only timer lengths depend on it.
 const FALLBACK_HZ: u32 = 250;
+/// The values CONFIG_HZ can take.
+const HZ_CHOICES: [u32; 4] = [100, 250, 300, 1000];
 
-/// [`config_hz`], or [`FALLBACK_HZ`] with a warning (once).
+/// The kernel's CONFIG_HZ: [`config_hz`], else measured from the jiffies counter
+/// ([`measured_hz`]: Debian ships neither /proc/config.gz nor, in containers, /boot), else
+/// [`FALLBACK_HZ`] with a warning (once).
 pub fn hz() -> u32 {
     static HZ: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *HZ.get_or_init(|| {
-        config_hz().unwrap_or_else(|| {
-            log::warn!("cannot read CONFIG_HZ; assuming {FALLBACK_HZ} for timer lengths");
-            FALLBACK_HZ
-        })
+        config_hz()
+            .or_else(|| {
+                let hz = measured_hz();
+                if let Some(hz) = hz {
+                    log::info!("CONFIG_HZ is not readable; measured {hz} from the jiffies counter");
+                }
+                hz
+            })
+            .unwrap_or_else(|| {
+                log::warn!(
+                    "cannot read or measure CONFIG_HZ; assuming {FALLBACK_HZ} for timer lengths"
+                );
+                FALLBACK_HZ
+            })
     })
+}
+
+/// CONFIG_HZ from how fast jiffies count: two readings of /proc/timer_list (root only) 200 ms
+/// apart, each with the kernel's clock. `None` unless the rate is within 5 % of a value
+/// CONFIG_HZ can take.
+pub fn measured_hz() -> Option<u32> {
+    let read = || parse_timer_list(&fs::read_to_string("/proc/timer_list").ok()?);
+    let (j0, t0) = read()?;
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (j1, t1) = read()?;
+    hz_from(j1.checked_sub(j0)?, t1.checked_sub(t0)?)
+}
+
+/// (jiffies, now in ns) from /proc/timer_list.
+fn parse_timer_list(text: &str) -> Option<(u64, u64)> {
+    let now = text
+        .lines()
+        .find_map(|l| l.strip_prefix("now at ")?.strip_suffix(" nsecs"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let jiffies = text
+        .lines()
+        .find_map(|l| l.strip_prefix("jiffies: "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((jiffies, now))
+}
+
+fn hz_from(jiffies: u64, ns: u64) -> Option<u32> {
+    if ns < 50_000_000 {
+        return None;
+    }
+    let rate = jiffies as f64 * 1e9 / ns as f64;
+    HZ_CHOICES
+        .into_iter()
+        .find(|&c| (rate - f64::from(c)).abs() <= f64::from(c) * 0.05)
 }
 
 /// The kernel's CONFIG_HZ (timer lengths are counted in jiffies), from /proc/config.gz or
@@ -52,6 +104,30 @@ fn parse_hz(config: &str) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn measures_hz_from_jiffies() {
+        let text = "Timer List Version: v0.10\nHRTIMER_MAX_CLOCK_BASES: 8\nnow at 14769854294961 nsecs\n\ncpu: 0\n  .idle_jiffies   : 4298584084\njiffies: 4298585077\n";
+        assert_eq!(
+            super::parse_timer_list(text),
+            Some((4298585077, 14769854294961))
+        );
+        assert_eq!(super::hz_from(50, 200_000_000), Some(250));
+        assert_eq!(super::hz_from(21, 200_000_000), Some(100));
+        assert_eq!(super::hz_from(60, 200_000_000), Some(300));
+        assert_eq!(super::hz_from(199, 200_000_000), Some(1000));
+        assert_eq!(super::hz_from(40, 200_000_000), None, "200/s is no CONFIG_HZ");
+        assert_eq!(super::hz_from(1, 1_000), None, "too short to tell");
+    }
+
+    /// On this machine (root), the measurement agrees with the kernel's config where it can
+    /// be read.
+    #[test]
+    fn the_measured_hz_is_the_configured_one() {
+        if let (Some(c), Some(m)) = (super::config_hz(), super::measured_hz()) {
+            assert_eq!(c, m);
+        }
+    }
+
     #[test]
     fn parses_hz() {
         assert_eq!(
