@@ -297,6 +297,8 @@ pub struct Aggregator<C: Clock> {
     first_end_ns: Option<u64>,
     scan_seen: bool,
     totals: Totals,
+    /// The same counts per namespace (for a view of one), with its failed connects and binds.
+    by_netns: FastMap<u32, (Totals, u64, u64)>,
     settings: HashMap<u32, NetnsSettings>,
     /// Rates of TIME_WAITs per destination; entries go once idle.
     rates: FastMap<Dest, RateWindow>,
@@ -330,6 +332,7 @@ impl<C: Clock> Aggregator<C> {
             first_end_ns: None,
             scan_seen: false,
             totals: Totals::default(),
+            by_netns: FastMap::default(),
             settings: HashMap::new(),
             rates: FastMap::default(),
             by_remote: FastMap::default(),
@@ -484,9 +487,16 @@ impl<C: Clock> Aggregator<C> {
                 })
                 .count() as u32,
         };
+        let ns = self.by_netns.entry(f.conn.netns).or_default();
         match f.op {
-            PortOp::Connect => self.failures.connect_eaddrnotavail += 1,
-            PortOp::Bind => self.failures.bind_eaddrinuse += 1,
+            PortOp::Connect => {
+                self.failures.connect_eaddrnotavail += 1;
+                ns.1 += 1;
+            }
+            PortOp::Bind => {
+                self.failures.bind_eaddrinuse += 1;
+                ns.2 += 1;
+            }
         }
         let rec = PortFailureRecord {
             failure: f,
@@ -501,6 +511,13 @@ impl<C: Clock> Aggregator<C> {
 
     pub fn totals(&self) -> &Totals {
         &self.totals
+    }
+
+    /// What [`Aggregator::totals`] counts (entered, ended by reason, closes without
+    /// TIME_WAIT), and the failed connects and binds, in one namespace: a view of one shows
+    /// these. Found-at-start, recovered and lost counts are the trace's, not per namespace.
+    pub fn netns_totals(&self, netns: u32) -> (Totals, u64, u64) {
+        self.by_netns.get(&netns).cloned().unwrap_or_default()
     }
 
     pub fn alive(&self) -> impl Iterator<Item = &AliveTw> {
@@ -539,6 +556,11 @@ impl<C: Clock> Aggregator<C> {
             Event::TwEnd(e) => self.end(e, out),
             Event::NoTimeWait(n) => {
                 self.totals.count_no_tw(n.reason);
+                self.by_netns
+                    .entry(n.conn.netns)
+                    .or_default()
+                    .0
+                    .count_no_tw(n.reason);
                 if n.reason == NoTwReason::Abort
                     && let Some(p) = &n.closer
                 {
@@ -629,6 +651,13 @@ impl<C: Clock> Aggregator<C> {
             recovered: e.recovered.is_some(),
         };
         self.totals.entered += 1;
+        let ns = &mut self.by_netns.entry(tw.conn.netns).or_default().0;
+        ns.entered += 1;
+        match tw.role {
+            Role::Client => ns.client += 1,
+            Role::Server => ns.server += 1,
+            Role::Unknown => {}
+        }
         match tw.role {
             Role::Client => self.totals.client += 1,
             Role::Server => {
@@ -693,6 +722,11 @@ impl<C: Clock> Aggregator<C> {
             return;
         };
         self.totals.count_end(e.end);
+        self.by_netns
+            .entry(tw.conn.netns)
+            .or_default()
+            .0
+            .count_end(e.end);
         self.track(&tw, e.ts_ns, false);
         self.stats.ended(
             proc_key(&tw.closer),

@@ -115,7 +115,11 @@ mod tests {
         assert_eq!(super::hz_from(21, 200_000_000), Some(100));
         assert_eq!(super::hz_from(60, 200_000_000), Some(300));
         assert_eq!(super::hz_from(199, 200_000_000), Some(1000));
-        assert_eq!(super::hz_from(40, 200_000_000), None, "200/s is no CONFIG_HZ");
+        assert_eq!(
+            super::hz_from(40, 200_000_000),
+            None,
+            "200/s is no CONFIG_HZ"
+        );
         assert_eq!(super::hz_from(1, 1_000), None, "too short to tell");
     }
 

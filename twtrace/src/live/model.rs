@@ -79,7 +79,11 @@ pub struct Model {
     pub ends_without_start: u64,
     pub alive: u64,
     pub rates: Rates,
+    /// The counts of the namespace shown (of all when none is picked).
     pub totals: Totals,
+    /// Of the whole trace: starts recovered by the sweep, TIME_WAITs whose end was never seen.
+    pub recovered: u64,
+    pub end_lost: u64,
     pub connect_failed: u64,
     pub bind_failed: u64,
     pub procs: Vec<ProcRow>,
@@ -208,6 +212,8 @@ impl ViewState {
             None => seen.first().copied(),
             Some(cur) => seen.iter().copied().find(|&n| n > cur),
         };
+        // Rates start again from the next refresh, against the new namespace's counts.
+        self.prev.totals = None;
     }
 
     fn matches(&self, fields: &[&str]) -> bool {
@@ -225,8 +231,16 @@ impl ViewState {
         cgroup_name: &mut dyn FnMut(u64) -> String,
     ) -> Model {
         let now = agg.now_ns();
-        let t = agg.totals().clone();
+        // Rates of the namespace shown, or of all.
         let f = agg.failures();
+        let (t, connects, binds) = match self.netns {
+            Some(n) => agg.netns_totals(n),
+            None => (
+                agg.totals().clone(),
+                f.connect_eaddrnotavail,
+                f.bind_eaddrinuse,
+            ),
+        };
         let (rates, elapsed) = match &self.prev.totals {
             Some((p, connect, bind, at)) if now > *at => {
                 let dt = (now - at) as f64 / 1e9;
@@ -241,15 +255,15 @@ impl ViewState {
                         purged: r(t.purged, p.purged),
                         overflow: r(t.overflow, p.overflow),
                         abort: r(t.abort, p.abort),
-                        connect_failed: r(f.connect_eaddrnotavail, *connect),
-                        bind_failed: r(f.bind_eaddrinuse, *bind),
+                        connect_failed: r(connects, *connect),
+                        bind_failed: r(binds, *bind),
                     },
                     dt,
                 )
             }
             _ => (Rates::default(), 0.0),
         };
-        self.prev.totals = Some((t.clone(), f.connect_eaddrnotavail, f.bind_eaddrinuse, now));
+        self.prev.totals = Some((t.clone(), connects, binds, now));
 
         // Alive TIME_WAITs per closer, in the namespace shown.
         let mut alive_by: HashMap<ProcKey, (u64, u64, u64)> = HashMap::new();
@@ -406,8 +420,10 @@ impl ViewState {
             ends_without_start: agg.ends_without_start(),
             alive,
             rates,
-            connect_failed: f.connect_eaddrnotavail,
-            bind_failed: f.bind_eaddrinuse,
+            connect_failed: connects,
+            bind_failed: binds,
+            recovered: agg.totals().recovered,
+            end_lost: agg.totals().overdue_dropped,
             totals: t,
             procs,
             dests,

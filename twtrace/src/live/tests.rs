@@ -200,3 +200,36 @@ fn picking_a_namespace_narrows_the_view() {
     v.next_netns(&agg);
     assert_eq!(v.netns, None);
 }
+
+/// The rates of one namespace are that namespace's: entered/s and ended/s count its
+/// TIME_WAITs alone.
+#[test]
+fn a_namespace_shows_its_own_rates() {
+    let (mut agg, clock) = state();
+    let mut v = ViewState {
+        netns: Some(2),
+        ..ViewState::default()
+    };
+    let mut out = vec![];
+    let _ = v.model(&agg, "h", "k", 0, None, &mut |_| String::new());
+    // Over 2 s: 10 TIME_WAITs enter namespace 1, 4 enter namespace 2 and one of them ends.
+    for i in 0..14u64 {
+        let mut e = enter(TwKey::Cookie(1000 + i), 4 * S + i, Substate::TimeWait);
+        if let Event::TwEnter(t) = &mut e {
+            t.conn.netns = if i < 10 { 1 } else { 2 };
+        }
+        agg.ingest(e, &mut out);
+    }
+    agg.ingest(end(TwKey::Cookie(1010), 5 * S, EndReason::Reset), &mut out);
+    clock.set(6 * S);
+    let m = v.model(&agg, "h", "k", 0, None, &mut |_| String::new());
+    assert_eq!(m.rates.entered, 2.0, "4 in 2 s");
+    assert_eq!(m.rates.reset, 0.5);
+    assert_eq!(m.rates.reused, 0.0, "the reuse was in namespace 1");
+    assert_eq!(m.totals.entered, 4);
+    v.netns = None;
+    v.next_netns(&agg);
+    let _ = v.model(&agg, "h", "k", 0, None, &mut |_| String::new());
+    let all = agg.totals();
+    assert_eq!(all.entered, 8 + 14);
+}

@@ -68,7 +68,7 @@ fn header(m: &Model, v: &ViewState) -> Vec<Line<'static>> {
         + l.read_fail
         + l.conn_map_fail
         + m.ends_without_start
-        + m.totals.overdue_dropped;
+        + m.end_lost;
     let loss_style = if lost > 0 {
         Style::default().fg(Color::White).bg(Color::Red)
     } else {
@@ -81,9 +81,9 @@ fn header(m: &Model, v: &ViewState) -> Vec<Line<'static>> {
             l.recursion_misses,
             l.read_fail,
             l.conn_map_fail,
-            m.totals.recovered,
+            m.recovered,
             m.ends_without_start,
-            m.totals.overdue_dropped
+            m.end_lost
         ),
         loss_style,
     )]));
