@@ -253,7 +253,18 @@ fn overflow_skips_time_wait() {
     let overflows = ns.tcp_ext()["TCPTimeWaitOverflow"];
     assert!(overflows >= 1, "kernel counted {overflows} overflows");
     assert!(with_port(&recs, "time_wait", port(&load)).is_empty());
-    t.stop();
+    // A trace far shorter than the 10 s between pressure checks still gives its advice: as a
+    // line when it stops, and in the summary.
+    let (lines, stderr) = t.stop();
+    let advice: Vec<_> = lines
+        .iter()
+        .filter(|l| l["type"] == "advice" && l["rule"] == "time-wait-overflow")
+        .collect();
+    assert_eq!(advice.len(), 1, "{lines:#?}");
+    assert!(
+        stderr.contains("twtrace: advice: ") && stderr.contains("tcp_max_tw_buckets"),
+        "{stderr}"
+    );
 }
 
 /// A start with no room in the ring buffer stays in the kernel's map of closing connections;

@@ -67,6 +67,9 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     // What the kernel wrote before we stopped still counts.
     source.drain(&mut events);
     printer.emit(&mut agg, &mut events)?;
+    // Advice that came to hold since the last pressure tick (a trace shorter than one, say).
+    let last = printer.new_advice(&agg, &agg.pressure());
+    printer.write(&last)?;
     let mut stdout = printer.out;
     let loss = source.loss();
     if args.json {
@@ -246,4 +249,7 @@ pub fn summary(agg: &Aggregator<MonotonicClock>, loss: &Loss, decode_errors: u64
         decode_errors,
         agg.ends_without_start()
     );
+    for a in advice::advise(&Evidence::of(agg, &agg.pressure())) {
+        eprintln!("twtrace: advice: {}", a.text);
+    }
 }
