@@ -142,6 +142,9 @@ pub fn build<F: Frames>(
     let mut dests: HashMap<(u32, IpAddr, u16), (u64, u64)> = HashMap::new();
     let mut tw_by_netns: HashMap<u32, u64> = HashMap::new();
     let mut events = 0u64;
+    // Every event's time, in the window or not: to say where the recording is when the window
+    // holds nothing.
+    let mut span: Option<(u64, u64)> = None;
 
     let sample = |agg: &Aggregator<ReplayClock>, peaks: &mut HashMap<_, Pressure>| {
         for p in agg.pressure() {
@@ -159,6 +162,7 @@ pub fn build<F: Frames>(
         while let Some(frame) = trace.next_frame()? {
             for mut ev in frame {
                 let ts = ev.ts_ns();
+                span = Some(span.map_or((ts, ts), |(a, b)| (a.min(ts), b.max(ts))));
                 if !window.contains(ts) {
                     continue;
                 }
@@ -291,6 +295,15 @@ pub fn build<F: Frames>(
     let f = agg.failures();
     let mut warnings: Vec<String> = traces.iter().flat_map(|(_, t)| t.warnings()).collect();
     let loss = agg.loss().clone();
+    if let (0, Some((a, b))) = (events, span)
+        && (window.from_ns.is_some() || window.to_ns.is_some())
+    {
+        warnings.push(format!(
+            "no event in the window given (--from/--to): the recording's events span {} to {}",
+            rfc(a),
+            rfc(b)
+        ));
+    }
     if t.overdue_dropped > 0 {
         warnings.push(format!(
             "{} TIME_WAITs have no end in the recording: given up on once their timer was long overdue",
@@ -454,6 +467,21 @@ mod tests {
         };
         let r = build(&mut [trace(evs.clone())], &Filters::default(), w).unwrap();
         assert_eq!(r.totals.entered, 1);
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        // Past the end: said, with where the events are.
+        let past = Window {
+            from_ns: Some(20 * SECOND),
+            to_ns: None,
+        };
+        let r = build(&mut [trace(evs.clone())], &Filters::default(), past).unwrap();
+        assert_eq!(r.events, 0);
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.starts_with("no event in the window given")),
+            "{:?}",
+            r.warnings
+        );
         let only_other = Filters {
             comm: Some("nobody".into()),
             ..Filters::default()
