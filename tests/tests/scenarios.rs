@@ -738,6 +738,18 @@ fn compare_shows_the_effect_of_tcp_tw_reuse() {
     assert!(failed["before"].as_f64().unwrap() > 0.0, "{failed}");
     assert_eq!(failed["after"], 0.0, "{failed}");
     assert_eq!(failed["verdict"], "changed");
+    assert_eq!(failed["better"], true, "fewer failures are better");
+    assert_eq!(reused["better"], Value::Null, "a remedy at work is neither");
+    assert!(c["warnings"].as_array().unwrap().is_empty(), "{c:#}");
+    let text = twtrace(&["compare", &files[0], &files[1]]);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("EADDRNOTAVAIL per minute"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.ends_with("CHANGED: better"), "{line}");
+    // Every column stands apart.
+    let cells: Vec<&str> = line.split("  ").filter(|c| !c.trim().is_empty()).collect();
+    assert_eq!(cells.len(), 5, "{line:?}");
     for f in files {
         let _ = std::fs::remove_file(f);
     }

@@ -23,6 +23,15 @@ pub enum Verdict {
     TooFew,
 }
 
+/// Which way a measure is better, when one is: fewer failures are, a higher reuse share is
+/// only a remedy at work and says nothing by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Better {
+    Lower,
+    Neither,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Measure {
     pub name: &'static str,
@@ -31,6 +40,8 @@ pub struct Measure {
     pub change: Option<f64>,
     pub change_pct: Option<f64>,
     pub verdict: Verdict,
+    /// For a change: whether it is for the better (`None` when neither way is).
+    pub better: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -39,6 +50,9 @@ pub struct Comparison {
     pub after: Vec<String>,
     pub settings: Vec<SettingDiff>,
     pub measures: Vec<Measure>,
+    /// What limits the comparison (a recording too short to say anything, damage read
+    /// around), one sentence each.
+    pub warnings: Vec<String>,
 }
 
 /// |z| below this is noise (about 95%).
@@ -46,6 +60,8 @@ const Z: f64 = 2.0;
 /// Lifetime quantiles come from log buckets about 9% wide: smaller changes are not measured.
 const QUANTILE_PRECISION: f64 = 0.10;
 const MIN_SAMPLES: u64 = 20;
+/// A recording shorter than this says nothing about a rate.
+const MIN_SPAN_S: f64 = 1.0;
 
 fn measure(
     name: &'static str,
@@ -70,7 +86,17 @@ fn measure(
         change,
         change_pct,
         verdict,
+        better: None,
     }
+}
+
+/// Says whether a change of `m` is for the better.
+fn judged(mut m: Measure, better: Better) -> Measure {
+    m.better = match (m.verdict, better, m.change) {
+        (Verdict::Changed, Better::Lower, Some(d)) => Some(d < 0.0),
+        _ => None,
+    };
+    m
 }
 
 /// Counts over spans (events per minute): two Poisson rates.
@@ -191,88 +217,204 @@ pub fn compare(b: &Report, a: &Report) -> Comparison {
     let (tb, ta) = (b.span_s / 60.0, a.span_s / 60.0);
     let (bt, at) = (&b.totals, &a.totals);
     let peak = |r: &Report| r.pressure_peaks.first().map_or(0.0, |p| p.percent);
-    let measures = vec![
-        share(
-            "TIME_WAITs per 1000 connections closed",
-            bt.entered,
-            b.connections_closed,
-            at.entered,
-            a.connections_closed,
-            1000.0,
+    use Better::{Lower, Neither};
+    let values = vec![
+        (
+            share(
+                "TIME_WAITs per 1000 connections closed",
+                bt.entered,
+                b.connections_closed,
+                at.entered,
+                a.connections_closed,
+                1000.0,
+            ),
+            Lower,
         ),
-        rate(
-            "TIME_WAITs entered per minute",
-            bt.entered,
-            tb,
-            at.entered,
-            ta,
+        (
+            rate(
+                "TIME_WAITs entered per minute",
+                bt.entered,
+                tb,
+                at.entered,
+                ta,
+            ),
+            Lower,
         ),
-        level(
-            "TIME_WAITs alive, peak",
-            b.alive_peak as f64,
-            a.alive_peak as f64,
+        (
+            level(
+                "TIME_WAITs alive, peak",
+                b.alive_peak as f64,
+                a.alive_peak as f64,
+            ),
+            Lower,
         ),
-        level("TIME_WAITs alive, mean", b.alive_mean, a.alive_mean),
-        quantile(
-            "lifetime p50 (ms)",
-            b.lifetime.p50_ms,
-            b.lifetime.count,
-            a.lifetime.p50_ms,
-            a.lifetime.count,
+        (
+            level("TIME_WAITs alive, mean", b.alive_mean, a.alive_mean),
+            Lower,
         ),
-        quantile(
-            "lifetime p99 (ms)",
-            b.lifetime.p99_ms,
-            b.lifetime.count,
-            a.lifetime.p99_ms,
-            a.lifetime.count,
+        // Shorter is not better by itself: it is TIME_WAIT's protection, cut short.
+        (
+            quantile(
+                "lifetime p50 (ms)",
+                b.lifetime.p50_ms,
+                b.lifetime.count,
+                a.lifetime.p50_ms,
+                a.lifetime.count,
+            ),
+            Neither,
         ),
-        share(
-            "% reused by connect",
-            bt.reused,
-            bt.ended,
-            at.reused,
-            at.ended,
-            100.0,
+        (
+            quantile(
+                "lifetime p99 (ms)",
+                b.lifetime.p99_ms,
+                b.lifetime.count,
+                a.lifetime.p99_ms,
+                a.lifetime.count,
+            ),
+            Neither,
         ),
-        share(
-            "% recycled by SYN",
-            bt.recycled,
-            bt.ended,
-            at.recycled,
-            at.ended,
-            100.0,
+        (
+            share(
+                "% reused by connect",
+                bt.reused,
+                bt.ended,
+                at.reused,
+                at.ended,
+                100.0,
+            ),
+            Neither,
         ),
-        rate("RST kills per minute", bt.reset, tb, at.reset, ta),
-        rate("overflows per minute", bt.overflow, tb, at.overflow, ta),
-        rate("aborts per minute", bt.abort, tb, at.abort, ta),
-        rate(
-            "EADDRNOTAVAIL per minute",
-            b.failures.connect_eaddrnotavail,
-            tb,
-            a.failures.connect_eaddrnotavail,
-            ta,
+        (
+            share(
+                "% recycled by SYN",
+                bt.recycled,
+                bt.ended,
+                at.recycled,
+                at.ended,
+                100.0,
+            ),
+            Neither,
         ),
-        rate(
-            "EADDRINUSE per minute",
-            b.failures.bind_eaddrinuse,
-            tb,
-            a.failures.bind_eaddrinuse,
-            ta,
+        (
+            rate("RST kills per minute", bt.reset, tb, at.reset, ta),
+            Neither,
         ),
-        level("peak port pressure (%)", peak(b), peak(a)),
+        (
+            rate("overflows per minute", bt.overflow, tb, at.overflow, ta),
+            Lower,
+        ),
+        (rate("aborts per minute", bt.abort, tb, at.abort, ta), Lower),
+        (
+            rate(
+                "EADDRNOTAVAIL per minute",
+                b.failures.connect_eaddrnotavail,
+                tb,
+                a.failures.connect_eaddrnotavail,
+                ta,
+            ),
+            Lower,
+        ),
+        (
+            rate(
+                "EADDRINUSE per minute",
+                b.failures.bind_eaddrinuse,
+                tb,
+                a.failures.bind_eaddrinuse,
+                ta,
+            ),
+            Lower,
+        ),
+        (level("peak port pressure (%)", peak(b), peak(a)), Lower),
     ];
+    let mut warnings = Vec::new();
+    let mut too_short = false;
+    for (side, r) in [("before", b), ("after", a)] {
+        if r.events < MIN_SAMPLES || r.span_s < MIN_SPAN_S {
+            too_short = true;
+            warnings.push(format!(
+                "{side} ({}) covers {:.1} s and {} events: too little to compare; its changes are marked too few to say",
+                r.files.join(", "),
+                r.span_s,
+                r.events
+            ));
+        }
+        warnings.extend(r.warnings.iter().map(|w| format!("{side}: {w}")));
+    }
+    let measures = values
+        .into_iter()
+        .map(|(mut m, better)| {
+            if too_short && m.verdict == Verdict::Changed {
+                m.verdict = Verdict::TooFew;
+            }
+            judged(m, better)
+        })
+        .collect();
     Comparison {
         before: b.files.clone(),
         after: a.files.clone(),
         settings: settings_diff(b, a),
         measures,
+        warnings,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_is_judged_better_or_worse_where_one_way_is_better() {
+        let fewer = judged(rate("x", 400, 1.0, 100, 1.0), Better::Lower);
+        assert_eq!(
+            (fewer.verdict, fewer.better),
+            (Verdict::Changed, Some(true))
+        );
+        let more = judged(rate("x", 100, 1.0, 400, 1.0), Better::Lower);
+        assert_eq!(more.better, Some(false));
+        let neither = judged(rate("x", 100, 1.0, 400, 1.0), Better::Neither);
+        assert_eq!(neither.better, None);
+        let noise = judged(rate("x", 100, 1.0, 110, 1.0), Better::Lower);
+        assert_eq!(noise.better, None);
+    }
+
+    #[test]
+    fn a_baseline_too_short_to_compare_is_said_and_changes_nothing() {
+        use crate::{
+            aggregate::tests::enter,
+            event::{Substate, TwKey},
+            record::{Header, InMemory},
+            report::{Window, build},
+        };
+        let report = |n: u64| {
+            let evs = (0..n)
+                .map(|i| {
+                    enter(
+                        TwKey::Cookie(i + 1),
+                        (i + 1) * 1_000_000_000,
+                        Substate::TimeWait,
+                    )
+                })
+                .collect();
+            let mut t = [(
+                format!("{n}.twt"),
+                InMemory {
+                    header: Header::new("h", 250),
+                    frames: vec![evs].into(),
+                    warnings: vec![],
+                },
+            )];
+            build(&mut t, &Default::default(), Window::default()).unwrap()
+        };
+        let c = compare(&report(1), &report(60));
+        assert!(
+            c.warnings[0].starts_with("before (1.twt) covers 0.0 s and 1 events"),
+            "{:?}",
+            c.warnings
+        );
+        assert!(c.measures.iter().all(|m| m.verdict != Verdict::Changed));
+        let fair = compare(&report(40), &report(60));
+        assert!(fair.warnings.is_empty(), "{:?}", fair.warnings);
+    }
 
     #[test]
     fn poisson_rates() {

@@ -174,31 +174,74 @@ pub fn comparison(c: &Comparison) -> String {
             let _ = writeln!(o, "  {:<24} {} -> {}", s.name, s.before, s.after);
         }
     }
-    let _ = writeln!(
-        o,
-        "\n  {:<40} {:>12} {:>12} {:>12}  VERDICT",
-        "MEASURE", "BEFORE", "AFTER", "CHANGE"
-    );
-    for m in &c.measures {
-        let change = match (m.change, m.change_pct) {
-            (Some(d), Some(p)) => format!("{} ({p:+.0}%)", num(Some(d))),
-            (Some(d), None) => num(Some(d)),
-            _ => "-".into(),
-        };
-        let verdict = match m.verdict {
-            Verdict::Same => "same",
-            Verdict::WithinNoise => "within noise",
-            Verdict::Changed => "CHANGED",
-            Verdict::TooFew => "too few to say",
-        };
+    // Columns as wide as their widest cell, two spaces apart: a long change never runs into
+    // its neighbours.
+    let rows: Vec<[String; 5]> = c
+        .measures
+        .iter()
+        .map(|m| {
+            let change = match (m.change, m.change_pct) {
+                (Some(d), Some(p)) => format!("{} ({p:+.0}%)", signed(d)),
+                (Some(d), None) => signed(d),
+                _ => "-".into(),
+            };
+            let verdict = match (m.verdict, m.better) {
+                (Verdict::Same, _) => "same",
+                (Verdict::WithinNoise, _) => "within noise",
+                (Verdict::Changed, Some(true)) => "CHANGED: better",
+                (Verdict::Changed, Some(false)) => "CHANGED: worse",
+                (Verdict::Changed, None) => "CHANGED",
+                (Verdict::TooFew, _) => "too few to say",
+            };
+            [
+                m.name.to_string(),
+                num(m.before),
+                num(m.after),
+                change,
+                verdict.to_string(),
+            ]
+        })
+        .collect();
+    let head = ["MEASURE", "BEFORE", "AFTER", "CHANGE", "VERDICT"].map(String::from);
+    let mut width = [0usize; 5];
+    for r in std::iter::once(&head).chain(&rows) {
+        for (w, cell) in width.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let _ = writeln!(o);
+    for r in std::iter::once(&head).chain(&rows) {
         let _ = writeln!(
             o,
-            "  {:<40} {:>12} {:>12} {:>12}  {verdict}",
-            m.name,
-            num(m.before),
-            num(m.after),
-            change
+            "  {:<w0$}  {:>w1$}  {:>w2$}  {:>w3$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            w0 = width[0],
+            w1 = width[1],
+            w2 = width[2],
+            w3 = width[3],
         );
     }
+    if !c.warnings.is_empty() {
+        let _ = writeln!(o);
+        for w in &c.warnings {
+            let _ = writeln!(o, "warning: {w}");
+        }
+    }
     o
+}
+
+/// A change with its sign.
+fn signed(d: f64) -> String {
+    let n = num(Some(d.abs()));
+    if d > 0.0 {
+        format!("+{n}")
+    } else if d < 0.0 {
+        format!("-{n}")
+    } else {
+        n
+    }
 }
