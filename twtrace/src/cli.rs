@@ -89,6 +89,30 @@ pub enum Command {
     /// Check that this kernel and these privileges can run twtrace: what it can show here,
     /// what is degraded and why, and which program variants it chose.
     Check(CheckArgs),
+    /// Print a shell completion script on stdout (packaging; `twtrace completions bash`).
+    #[command(hide = true)]
+    Completions(CompletionsArgs),
+    /// Write the man pages, twtrace.1 and one per command, into a directory (packaging).
+    #[command(hide = true)]
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh, fish, elvish or powershell.
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Where to write them (created files are never links; existing ones are refused unless
+    /// --force).
+    #[arg(value_name = "DIR", default_value = ".")]
+    pub dir: std::path::PathBuf,
+    /// Replace pages that exist.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args, Default)]
