@@ -2,7 +2,7 @@
 //! package installs, generated from the same command-line definition that parses arguments
 //! (`cargo xtask dist` calls both).
 
-use std::io::Write as _;
+use std::{io::Write as _, os::unix::fs::PermissionsExt as _};
 
 use anyhow::Context as _;
 use clap::CommandFactory as _;
@@ -36,8 +36,10 @@ pub fn man(args: &ManArgs) -> anyhow::Result<()> {
         let path = args.dir.join(man.get_filename());
         let mut text = Vec::new();
         man.render(&mut text).context("rendering a man page")?;
-        // The creator owns the pages (no sudo owner): they are for packaging.
+        // Pages are for everyone to read: root's (no sudo owner), mode 0644 set on the fd.
         let mut file = Target::new(&path)?.create(existing, None)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("chmod {}", path.display()))?;
         file.write_all(&text)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("{}", path.display());
