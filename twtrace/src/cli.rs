@@ -397,6 +397,22 @@ mod tests {
     }
 
     #[test]
+    fn packaging_commands_parse_but_are_not_in_the_help() {
+        use clap::{CommandFactory as _, Parser as _};
+        let cli = Cli::try_parse_from(["twtrace", "completions", "fish"]).expect("parses");
+        assert!(matches!(cli.command, Some(Command::Completions(_))));
+        let cli = Cli::try_parse_from(["twtrace", "man", "/tmp/pages"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Some(Command::Man(ManArgs { force: false, .. }))
+        ));
+        let e = Cli::try_parse_from(["twtrace", "completions", "tcsh"]).expect_err("no tcsh");
+        assert_eq!(e.exit_code(), 2);
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("trace") && !help.contains("completions") && !help.contains("man "));
+    }
+
+    #[test]
     fn sizes_and_offsets() {
         assert_eq!(parse_size("100M"), Ok(100 << 20));
         assert_eq!(parse_size("4096"), Ok(4096));
