@@ -201,14 +201,24 @@ pub struct Context {
     pub caps: Effective,
     pub kallsyms: KallsymsSettings,
     pub tracefs: TracefsAccess,
+    /// Whether the kernel knows CAP_BPF and CAP_PERFMON (5.8+, `kernel.cap_last_cap` >= 39);
+    /// before, CAP_SYS_ADMIN loads and attaches programs.
+    pub split_caps: bool,
 }
+
+/// CAP_BPF's number: the last of the capabilities that split CAP_SYS_ADMIN's BPF powers.
+const CAP_BPF_NUMBER: u32 = 39;
 
 impl Context {
     pub fn current() -> Self {
+        let last_cap = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
         Self {
             caps: Effective::current(),
             kallsyms: KallsymsSettings::read(),
             tracefs: TracefsAccess::probe(),
+            split_caps: last_cap.is_none_or(|n| n >= CAP_BPF_NUMBER),
         }
     }
 }
@@ -250,18 +260,40 @@ pub fn privileges(cx: &Context) -> Vec<Privilege> {
             tracefs::ROOT
         ),
     };
+    // Before 5.8, CAP_SYS_ADMIN is what loads programs, and CAP_BPF and CAP_PERFMON do not
+    // exist.
+    let (split, split_without) = if cx.split_caps {
+        (Need::Required, "nothing traces".to_string())
+    } else {
+        (
+            Need::NotNeeded,
+            "nothing: this kernel predates it (Linux 5.8); CAP_SYS_ADMIN loads programs here"
+                .into(),
+        )
+    };
+    let (admin_need, admin_without) = if cx.split_caps {
+        (
+            Need::Degrades,
+            "TIME_WAITs are traced in every namespace, but only twtrace's own is scanned at start, swept for missed starts, and shown with its settings".to_string(),
+        )
+    } else {
+        (
+            Need::Required,
+            "nothing traces: before Linux 5.8 it is what loads eBPF programs".into(),
+        )
+    };
     vec![
         row(
             Cap::Bpf,
-            Need::Required,
+            split,
             "creating the eBPF maps and loading the programs (Linux 5.8+; before, CAP_SYS_ADMIN did this)",
-            "nothing traces".into(),
+            split_without.clone(),
         ),
         row(
             Cap::Perfmon,
-            Need::Required,
+            split,
             "tracing programs that read kernel memory, and attaching them to tracepoints",
-            "nothing traces".into(),
+            split_without,
         ),
         row(
             Cap::Syslog,
@@ -271,9 +303,9 @@ pub fn privileges(cx: &Context) -> Vec<Privilege> {
         ),
         row(
             Cap::SysAdmin,
-            Need::Degrades,
+            admin_need,
             "joining other network namespaces (setns) to list their TIME_WAITs and read their settings",
-            "TIME_WAITs are traced in every namespace, but only twtrace's own is scanned at start, swept for missed starts, and shown with its settings".into(),
+            admin_without,
         ),
         row(
             Cap::SysPtrace,
@@ -337,7 +369,17 @@ mod tests {
                 perf_event_paranoid: paranoid,
             },
             tracefs,
+            split_caps: true,
         }
+    }
+
+    #[test]
+    fn before_5_8_cap_sys_admin_is_what_loads() {
+        let mut c = cx(&[Cap::SysAdmin, Cap::Syslog], 0, 2, TracefsAccess::Readable);
+        c.split_caps = false;
+        assert!(missing_required(&c).is_empty());
+        c.caps = Effective::of(&[Cap::Syslog]);
+        assert_eq!(missing_required(&c), ["CAP_SYS_ADMIN"]);
     }
 
     #[test]
