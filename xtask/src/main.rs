@@ -367,7 +367,7 @@ fn setup() -> anyhow::Result<()> {
 /// and the musl target (the static binary). The guests' own tools: `vm::ensure_tools`.
 fn host_tools() -> anyhow::Result<()> {
     let found = |cmd: &str| vm::initramfs::which(cmd).is_some();
-    let checks: [(&str, bool); 11] = [
+    let checks: [(&str, bool); 12] = [
         // ip netns, ss: every scenario.
         ("iproute2", ok("ip", &["-V"]) && ok("ss", &["-V"])),
         // The live view and the replay, driven through a terminal.
@@ -380,8 +380,9 @@ fn host_tools() -> anyhow::Result<()> {
         ("procps", found("sysctl")),
         // The metrics are checked with promtool and scraped by a real Prometheus.
         ("prometheus", found("prometheus") && found("promtool")),
-        // The static binary (zstd-sys compiles C for musl).
+        // The static binary (zstd-sys compiles C for musl), stripped.
         ("musl-tools", found("musl-gcc")),
+        ("binutils", found("strip")),
         // The .deb: built with dpkg-deb, installed in a debootstrapped tree, unit verified.
         ("dpkg", found("dpkg-deb")),
         ("debootstrap", found("debootstrap")),

@@ -67,6 +67,17 @@ pub fn build(root: &Path) -> anyhow::Result<PathBuf> {
         fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
     }
     fs::create_dir_all(&out)?;
+    // What is shipped is stripped (half the size; panics still say where, without symbols).
+    let stripped = out.join("twtrace.stripped");
+    crate::sh(
+        "strip",
+        &[
+            "-o",
+            &stripped.display().to_string(),
+            &built.display().to_string(),
+        ],
+    )?;
+    let built = stripped;
     let binary = out.join(format!("twtrace-{version}-x86_64-linux-musl"));
     install(&built, &binary, 0o755)?;
 
@@ -117,6 +128,7 @@ pub fn build(root: &Path) -> anyhow::Result<PathBuf> {
             0o755,
         )?;
     }
+    fs::remove_file(&built)?;
     let deb = out.join(format!("twtrace_{version}_amd64.deb"));
     crate::sh(
         "dpkg-deb",
@@ -154,11 +166,10 @@ fn control(version: &str, size_kib: u64) -> String {
         "Package: twtrace\n\
          Version: {version}\n\
          Architecture: amd64\n\
-         Maintainer: twtrace developers <twtrace@invalid>\n\
+         Maintainer: The twtrace developers\n\
          Installed-Size: {size_kib}\n\
          Section: net\n\
          Priority: optional\n\
-         Homepage: https://github.com/twtrace/twtrace\n\
          Description: eBPF tracer that explains TCP TIME_WAIT\n \
          twtrace tells which process closed first, whether this host was the client or\n \
          the server, how long each TIME_WAIT lived and how it ended (expired, reused,\n \
