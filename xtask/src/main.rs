@@ -203,7 +203,7 @@ fn host_tests(args: &[String]) -> anyhow::Result<()> {
 /// Needs root (chroot, mounts); without it, says so and skips.
 fn package_tests(root: &Path) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let deb = dist::build(root)?;
+    let (binary, deb) = dist::build(root)?;
     if euid() != 0 {
         eprintln!("xtask: skipped: the .deb install test needs root (debootstrap, chroot, mount)");
         return Ok(());
@@ -214,6 +214,7 @@ fn package_tests(root: &Path) -> anyhow::Result<()> {
     dist::chroot::test_deb(&tree, &deb, &version, |tree| {
         dist::unit::check(root, tree).map(drop)
     })?;
+    dist::unit::syscalls_within_filter(root, &binary, &target.join("dist-stage"))?;
     eprintln!(
         "xtask: package tests passed in {:.0} s (static binary, .deb, unit)",
         started.elapsed().as_secs_f64()
@@ -367,7 +368,7 @@ fn setup() -> anyhow::Result<()> {
 /// and the musl target (the static binary). The guests' own tools: `vm::ensure_tools`.
 fn host_tools() -> anyhow::Result<()> {
     let found = |cmd: &str| vm::initramfs::which(cmd).is_some();
-    let checks: [(&str, bool); 12] = [
+    let checks: [(&str, bool); 13] = [
         // ip netns, ss: every scenario.
         ("iproute2", ok("ip", &["-V"]) && ok("ss", &["-V"])),
         // The live view and the replay, driven through a terminal.
@@ -391,6 +392,8 @@ fn host_tools() -> anyhow::Result<()> {
             Path::new("/usr/share/keyrings/debian-archive-keyring.gpg").exists(),
         ),
         ("systemd", found("systemd-analyze")),
+        // The shipped binary's system calls, against the unit's SystemCallFilter=.
+        ("strace", found("strace")),
         // systemd-analyze verify looks up the unit's man:twtrace(1) with man.
         ("man-db", found("man")),
     ];

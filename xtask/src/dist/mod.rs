@@ -35,8 +35,8 @@ pub fn version(root: &Path) -> anyhow::Result<String> {
         .context("Cargo.toml has no workspace.package.version")
 }
 
-/// Builds everything; returns the .deb.
-pub fn build(root: &Path) -> anyhow::Result<PathBuf> {
+/// Builds everything; returns the static binary and the .deb.
+pub fn build(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let version = version(root)?;
     let target = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -154,7 +154,7 @@ pub fn build(root: &Path) -> anyhow::Result<PathBuf> {
         binary.display(),
         deb.display()
     );
-    Ok(deb)
+    Ok((binary, deb))
 }
 
 /// Reloads systemd after the unit is installed or removed, where systemd runs. The unit is not
