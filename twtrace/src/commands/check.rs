@@ -19,18 +19,23 @@ use super::read_proc;
 
 pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
     let kernel = read_proc("/proc/sys/kernel/osrelease");
-    let privileges = privilege::privileges(&privilege::Context::current());
+    let cx = privilege::Context::current();
+    let privileges = privilege::privileges(&cx);
+    let settings = privilege::settings(&cx);
+    let settings_json: serde_json::Map<String, serde_json::Value> = settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone().into()))
+        .collect();
     let setup = tracer::preflight().and_then(|()| tracer::kernel_config(&TracerOptions::default()));
     let setup = match setup {
         Ok(s) => s,
         Err(e) => {
             if args.json {
-                let doc =
-                    json!({"kernel": kernel, "privileges": privileges, "error": e.to_string()});
+                let doc = json!({"kernel": kernel, "privileges": privileges, "settings": settings_json, "error": e.to_string()});
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
                 println!("kernel       {kernel}");
-                print_privileges(&privileges);
+                print_privileges(&privileges, &settings);
             }
             return Err(e.into());
         }
@@ -52,6 +57,7 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
             "config_hz": hz,
             "namespaces_reachable": reachable,
             "privileges": privileges,
+            "settings": settings_json,
             "attached": attach.is_ok(),
             "attach_error": attach.as_ref().err().map(|e| e.to_string()),
             "capabilities": caps,
@@ -63,7 +69,7 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         println!("kernel       {kernel}");
-        print_privileges(&privileges);
+        print_privileges(&privileges, &settings);
         println!("BTF          {BTF_PATH}");
         match hz {
             Some(hz) => println!("CONFIG_HZ    {hz}"),
@@ -97,7 +103,10 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
 }
 
 /// The privilege table: each capability, whether this process has it, and what it changes here.
-fn print_privileges(privileges: &[Privilege]) {
+fn print_privileges(privileges: &[Privilege], settings: &[(&str, String)]) {
+    for (name, value) in settings {
+        println!("{name:12} {value}");
+    }
     println!();
     let width = privileges.iter().map(|p| p.name.len()).max().unwrap_or(0);
     println!(

@@ -328,6 +328,33 @@ pub fn privileges(cx: &Context) -> Vec<Privilege> {
     ]
 }
 
+/// The settings behind the table, one line each: (name, value and what it means here).
+pub fn settings(cx: &Context) -> Vec<(&'static str, String)> {
+    let k = cx.kallsyms;
+    let kallsyms = if k.hidden_from_all() {
+        "hidden from every process".to_string()
+    } else if k.open_to_all() {
+        "shown to every process".to_string()
+    } else {
+        "shown only to CAP_SYSLOG".to_string()
+    };
+    let tracefs = match cx.tracefs {
+        TracefsAccess::Readable => "readable",
+        TracefsAccess::Closed => "closed to this user (mode 0700)",
+        TracefsAccess::NotMounted => "not mounted",
+    };
+    vec![
+        (
+            "kallsyms",
+            format!(
+                "kernel.kptr_restrict={} kernel.perf_event_paranoid={}: addresses {kallsyms}",
+                k.kptr_restrict, k.perf_event_paranoid
+            ),
+        ),
+        ("tracefs", format!("{}: {tracefs}", tracefs::ROOT)),
+    ]
+}
+
 /// The required privileges this process lacks (empty when it can trace).
 pub fn missing_required(cx: &Context) -> Vec<&'static str> {
     privileges(cx)
@@ -438,6 +465,18 @@ mod tests {
             k.why_hidden(true)
                 .contains("sysctl -w kernel.kptr_restrict=1")
         );
+    }
+
+    #[test]
+    fn settings_say_who_sees_kernel_addresses() {
+        let s = settings(&cx(&[], 0, 2, TracefsAccess::Closed));
+        assert_eq!(
+            s[0].1,
+            "kernel.kptr_restrict=0 kernel.perf_event_paranoid=2: addresses shown only to CAP_SYSLOG"
+        );
+        assert!(s[1].1.ends_with("closed to this user (mode 0700)"));
+        let s = settings(&cx(&[], 0, 1, TracefsAccess::Readable));
+        assert!(s[0].1.ends_with("shown to every process"));
     }
 
     #[test]
