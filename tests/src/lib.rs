@@ -178,7 +178,21 @@ pub struct Trace {
 impl Trace {
     /// Starts tracing one namespace and waits until the programs are attached.
     pub fn start(netns: &Netns, extra: &[&str]) -> Self {
-        let mut child = Command::new(twtrace_bin())
+        Self::start_wrapped(&[], netns, extra)
+    }
+
+    /// [`Trace::start`] through `wrapper` (a program and its arguments, such as `setpriv ...`,
+    /// that ends by executing the command it is given in its own process).
+    pub fn start_wrapped(wrapper: &[String], netns: &Netns, extra: &[&str]) -> Self {
+        let mut cmd = match wrapper {
+            [program, args @ ..] => {
+                let mut c = Command::new(program);
+                c.args(args).arg(twtrace_bin());
+                c
+            }
+            [] => Command::new(twtrace_bin()),
+        };
+        let mut child = cmd
             .args(["trace", "--json", "--netns", &netns.name])
             .args(extra)
             .stdout(Stdio::piped())

@@ -476,7 +476,11 @@ fn without_privileges_it_says_so_in_one_line() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("needs root") && err.contains("sudo"), "{err}");
+    assert!(
+        err.contains("lacks CAP_BPF, CAP_PERFMON") && err.contains("sudo"),
+        "{err}"
+    );
+    assert!(!err.contains("twtrace: twtrace"), "{err}");
     assert!(
         !err.contains("panicked") && !err.contains("backtrace"),
         "{err}"

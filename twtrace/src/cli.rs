@@ -89,6 +89,30 @@ pub enum Command {
     /// Check that this kernel and these privileges can run twtrace: what it can show here,
     /// what is degraded and why, and which program variants it chose.
     Check(CheckArgs),
+    /// Print a shell completion script on stdout (packaging; `twtrace completions bash`).
+    #[command(hide = true)]
+    Completions(CompletionsArgs),
+    /// Write the man pages, twtrace.1 and one per command, into a directory (packaging).
+    #[command(hide = true)]
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh, fish, elvish or powershell.
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Where to write them (created files are never links; existing ones are refused unless
+    /// --force).
+    #[arg(value_name = "DIR", default_value = ".")]
+    pub dir: std::path::PathBuf,
+    /// Replace pages that exist.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args, Default)]
@@ -370,6 +394,22 @@ mod tests {
             let e = Cli::try_parse_from(argv).expect_err("refused");
             assert_eq!(e.exit_code(), 2, "{argv:?}");
         }
+    }
+
+    #[test]
+    fn packaging_commands_parse_but_are_not_in_the_help() {
+        use clap::{CommandFactory as _, Parser as _};
+        let cli = Cli::try_parse_from(["twtrace", "completions", "fish"]).expect("parses");
+        assert!(matches!(cli.command, Some(Command::Completions(_))));
+        let cli = Cli::try_parse_from(["twtrace", "man", "/tmp/pages"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Some(Command::Man(ManArgs { force: false, .. }))
+        ));
+        let e = Cli::try_parse_from(["twtrace", "completions", "tcsh"]).expect_err("no tcsh");
+        assert_eq!(e.exit_code(), 2);
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("trace") && !help.contains("completions") && !help.contains("man "));
     }
 
     #[test]

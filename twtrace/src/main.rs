@@ -38,6 +38,8 @@ fn main() -> ExitCode {
             Some(Command::Replay(args)) => commands::live::replay(&args).await,
             Some(Command::Serve(args)) => commands::serve::run(&args, verbose).await,
             Some(Command::Check(args)) => commands::check::run(&args),
+            Some(Command::Completions(args)) => commands::docs::completions(&args),
+            Some(Command::Man(args)) => commands::docs::man(&args),
             None => commands::live::run(&cli.live, verbose).await,
         }
     });

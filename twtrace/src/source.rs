@@ -202,7 +202,7 @@ async fn poll_port_state(only: Option<u32>, tx: tokio::sync::mpsc::Sender<Vec<Ev
         every.tick().await;
         let scanned = tokio::task::spawn_blocking(move || {
             let ts_ns = crate::aggregate::Clock::now_ns(&crate::aggregate::MonotonicClock);
-            netns::enumerate()
+            netns::joinable()
                 .into_iter()
                 .filter(|n| only.is_none_or(|o| o == n.inode))
                 .filter_map(

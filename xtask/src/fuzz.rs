@@ -20,7 +20,7 @@ const MAX_LEN: u32 = 64 << 10;
 
 /// Installs cargo-fuzz when missing, then fuzzes for `seconds`.
 pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
-    if !ok("cargo", &["fuzz", "--version"]) {
+    if !ok("cargo", &["fuzz", "--help"]) {
         sh("cargo", &["install", "cargo-fuzz", "--locked"])?;
     }
     let corpus = root.join("target/fuzz/corpus/recording");
@@ -35,9 +35,11 @@ pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
     );
     // Without a sanitizer: the bound measured is the reader's own memory, not ASan's shadow
     // (the reader's only unsafe block is a checked UTF-8 slice).
+    // cargo-fuzz needs a nightly: the one pinned for the kernel programs (setup installed it).
+    let nightly = format!("+{}", crate::toolchain::pin()?.channel);
     let started = std::time::Instant::now();
     let status = std::process::Command::new("cargo")
-        .args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz"])
+        .args([nightly.as_str(), "fuzz", "run", "--fuzz-dir", "fuzz"])
         .args([
             "--target-dir",
             &target_dir,
@@ -51,7 +53,7 @@ pub fn run(root: &Path, seconds: u32) -> anyhow::Result<()> {
         .context("starting cargo fuzz")?;
     if !status.success() {
         bail!(
-            "fuzzing the recording reader failed ({status}): the input is in fuzz/artifacts/recording; replay it with `cargo +nightly fuzz run --fuzz-dir fuzz recording FILE`"
+            "fuzzing the recording reader failed ({status}): the input is in fuzz/artifacts/recording; replay it with `cargo {nightly} fuzz run --fuzz-dir fuzz recording FILE`"
         );
     }
     eprintln!(

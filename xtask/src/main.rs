@@ -1,9 +1,11 @@
-//! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask vm`, `cargo xtask fuzz`,
+//! Project tasks: `cargo xtask run`, `cargo xtask test`, `cargo xtask vm`, `cargo xtask dist`,
+//! `cargo xtask fuzz`,
 //! `cargo xtask setup`.
 //!
 //! A fresh machine has none of the eBPF toolchain, so every task first installs what is
-//! missing: the nightly's rust-src (for `-Z build-std`), LLVM 22's development files and a
-//! bpf-linker built against them (it must match nightly's LLVM).
+//! missing: the pinned nightly with rust-src (for `-Z build-std`; see [`toolchain`]), LLVM 22's
+//! development files and a bpf-linker built against them (it must match the nightly's LLVM),
+//! the musl target, and every tool the tests run.
 
 use std::{
     env,
@@ -14,7 +16,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod dist;
 mod fuzz;
+mod toolchain;
 mod vm;
 
 #[derive(Parser)]
@@ -34,6 +38,14 @@ enum Task {
     },
     /// Formatting and clippy (-D warnings) for userspace and for the kernel programs.
     Lint,
+    /// Write target/dist/: the static (musl) binary, a .deb (binary, systemd unit, man pages,
+    /// shell completions, README, licences) and SHA256SUMS.
+    Dist {
+        /// Then install the .deb in a minimal Debian tree, run it there and verify its unit
+        /// (root; what `cargo xtask test` does).
+        #[arg(long)]
+        check: bool,
+    },
     /// Measure what twtrace costs against no tracer and its peers (root; several minutes):
     /// writes BENCH.md and bench-results.json.
     Bench {
@@ -42,7 +54,8 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, then run the whole test suite: lint, unit tests and root integration tests,
-    /// on this host and then in qemu guests booting other kernels (`cargo xtask vm`).
+    /// the .deb installed in a Debian tree and its unit verified (with the host), then in qemu
+    /// guests booting other kernels (`cargo xtask vm`).
     Test {
         /// Where the tests run, comma-separated: all (default), host, vms (every guest),
         /// none, or guest kernels: 5.10, 6.1, 6.12, 7 (also 7.x, or the Debian suite name).
@@ -128,6 +141,14 @@ fn run() -> anyhow::Result<()> {
             setup()?;
             fuzz::run(&root, seconds)
         }
+        Task::Dist { check } => {
+            setup()?;
+            if check {
+                package_tests(&root)
+            } else {
+                dist::build(&root).map(drop)
+            }
+        }
         Task::Vm {
             kernels,
             shell,
@@ -156,7 +177,18 @@ fn run() -> anyhow::Result<()> {
             setup()?;
             lint()?;
             let host = if sel.host {
-                host_tests(&args).and_then(|()| fuzz::run(&root, 60))
+                let tests = host_tests(&args);
+                // The package and the fuzzing are checked even when a test failed: their
+                // checks are independent.
+                let package = package_tests(&root);
+                if let Err(e) = &package {
+                    eprintln!("xtask: package tests failed: {e:#}");
+                }
+                let fuzzed = fuzz::run(&root, 60);
+                if let Err(e) = &fuzzed {
+                    eprintln!("xtask: fuzzing failed: {e:#}");
+                }
+                tests.and(package).and(fuzzed)
             } else {
                 Ok(())
             };
@@ -183,6 +215,29 @@ fn host_tests(args: &[String]) -> anyhow::Result<()> {
     cargo(&test)
 }
 
+/// The .deb built, installed in a minimal Debian tree and run there, and its unit verified.
+/// Needs root (chroot, mounts); without it, says so and skips.
+fn package_tests(root: &Path) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let (binary, deb) = dist::build(root)?;
+    if euid() != 0 {
+        eprintln!("xtask: skipped: the .deb install test needs root (debootstrap, chroot, mount)");
+        return Ok(());
+    }
+    let target = vm::target_dir(root);
+    let tree = dist::chroot::tree(&target)?;
+    let version = dist::version(root)?;
+    dist::chroot::test_deb(&tree, &deb, &version, |tree| {
+        dist::unit::check(root, tree).map(drop)
+    })?;
+    dist::unit::syscalls_within_filter(root, &binary, &target.join("dist-stage"))?;
+    eprintln!(
+        "xtask: package tests passed in {:.0} s (static binary, .deb, unit)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn lint() -> anyhow::Result<()> {
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&[
@@ -194,12 +249,13 @@ fn lint() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ])?;
-    // The kernel programs only exist for the BPF target.
+    // The kernel programs only exist for the BPF target, built by the pinned nightly.
+    let pin = toolchain::pin()?;
     sh(
         "rustup",
         &[
             "run",
-            "nightly",
+            &pin.channel,
             "cargo",
             "clippy",
             "--package",
@@ -282,23 +338,7 @@ fn cargo_bin(name: &str) -> PathBuf {
 const LLVM: &str = "22";
 
 fn setup() -> anyhow::Result<()> {
-    if !ok("rustup", &["run", "nightly", "rustc", "--version"]) {
-        sh(
-            "rustup",
-            &["toolchain", "install", "nightly", "--profile", "minimal"],
-        )?;
-    }
-    let sysroot = Command::new("rustup")
-        .args(["run", "nightly", "rustc", "--print", "sysroot"])
-        .output()
-        .context("rustup run nightly rustc --print sysroot")?;
-    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
-    if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
-        sh(
-            "rustup",
-            &["component", "add", "rust-src", "--toolchain", "nightly"],
-        )?;
-    }
+    toolchain::ensure()?;
     let linker = cargo_bin("bpf-linker");
     let linker_ok = Command::new(&linker)
         .arg("--version")
@@ -337,17 +377,60 @@ fn setup() -> anyhow::Result<()> {
             bail!("cargo install bpf-linker failed ({status})");
         }
     }
-    // The tests use iproute2 (ip netns, ss) and tmux (the live view), and setpriv.
-    if !ok("ip", &["-V"])
-        || !ok("ss", &["-V"])
-        || !ok("tmux", &["-V"])
-        || !ok("setpriv", &["--version"])
+    host_tools()
+}
+
+/// Every tool the host tests and the package tests run, installed from Debian when missing;
+/// and the musl target (the static binary). The guests' own tools: `vm::ensure_tools`.
+fn host_tools() -> anyhow::Result<()> {
+    let found = |cmd: &str| vm::initramfs::which(cmd).is_some();
+    let checks: [(&str, bool); 13] = [
+        // ip netns, ss: every scenario.
+        ("iproute2", ok("ip", &["-V"]) && ok("ss", &["-V"])),
+        // The live view and the replay, driven through a terminal.
+        ("tmux", ok("tmux", &["-V"])),
+        // setpriv: the privilege tests; mount, mountpoint, chroot helpers.
+        (
+            "util-linux",
+            ok("setpriv", &["--version"]) && found("mountpoint"),
+        ),
+        ("procps", found("sysctl")),
+        // The metrics are checked with promtool and scraped by a real Prometheus.
+        ("prometheus", found("prometheus") && found("promtool")),
+        // The static binary (zstd-sys compiles C for musl), stripped.
+        ("musl-tools", found("musl-gcc")),
+        ("binutils", found("strip")),
+        // The .deb: built with dpkg-deb, installed in a debootstrapped tree, unit verified.
+        ("dpkg", found("dpkg-deb")),
+        ("debootstrap", found("debootstrap")),
+        (
+            "debian-archive-keyring",
+            Path::new("/usr/share/keyrings/debian-archive-keyring.gpg").exists(),
+        ),
+        ("systemd", found("systemd-analyze")),
+        // The shipped binary's system calls, against the unit's SystemCallFilter=.
+        ("strace", found("strace")),
+        // systemd-analyze verify looks up the unit's man:twtrace(1) with man.
+        ("man-db", found("man")),
+    ];
+    let missing: Vec<&str> = checks.iter().filter(|c| !c.1).map(|c| c.0).collect();
+    if !missing.is_empty() {
+        let mut install = vec!["install", "-y", "-qq"];
+        install.extend(&missing);
+        if as_root_sh("apt-get", &install).is_err() {
+            as_root_sh("apt-get", &["update", "-qq"])?;
+            as_root_sh("apt-get", &install)?;
+        }
+    }
+    let targets = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("rustup target list")?;
+    if !String::from_utf8_lossy(&targets.stdout)
+        .lines()
+        .any(|l| l.trim() == vm::MUSL)
     {
-        as_root_sh("apt-get", &["update", "-qq"])?;
-        as_root_sh(
-            "apt-get",
-            &["install", "-y", "-qq", "iproute2", "tmux", "util-linux"],
-        )?;
+        sh("rustup", &["target", "add", vm::MUSL])?;
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 pub mod check;
 pub mod compare;
+pub mod docs;
 pub mod live;
 pub mod record;
 pub mod report;

@@ -136,7 +136,7 @@ fn boot_time() -> String {
 
 /// The settings of each traced namespace as the recording starts.
 fn start_settings(only: Option<u32>) -> BTreeMap<String, twtrace::event::NetnsSettings> {
-    netns::enumerate()
+    netns::joinable()
         .into_iter()
         .filter(|n| only.is_none_or(|o| o == n.inode))
         .filter_map(|n| {

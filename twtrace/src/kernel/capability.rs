@@ -149,14 +149,15 @@ pub fn capabilities(
     ]
 }
 
-/// One line for each capability that is not fully available.
+/// One line for each capability that is not fully available here (for this kernel, or for
+/// these privileges).
 pub fn degraded(r: &Resolved, bind_missing: Option<&str>, sock_diag: Option<&str>) -> Vec<String> {
     capabilities(r, bind_missing, sock_diag)
         .into_iter()
         .filter_map(|c| match c.status {
             Status::Available => None,
-            Status::Degraded(w) => Some(format!("degraded on this kernel: {}: {w}", c.name)),
-            Status::Missing(w) => Some(format!("missing on this kernel: {}: {w}", c.name)),
+            Status::Degraded(w) => Some(format!("degraded here: {}: {w}", c.name)),
+            Status::Missing(w) => Some(format!("missing here: {}: {w}", c.name)),
         })
         .collect()
 }
@@ -201,24 +202,20 @@ mod tests {
         assert_eq!(
             d[0],
             format!(
-                "degraded on this kernel: end: reset: lacks {}",
+                "degraded here: end: reset: lacks {}",
                 feature::TW_RESET_TRACE
             )
         );
         assert_eq!(
             d[1],
-            "missing on this kernel: failed bind (EADDRINUSE): tracefs is not mounted"
+            "missing here: failed bind (EADDRINUSE): tracefs is not mounted"
         );
-        assert!(
-            d[2].starts_with("degraded on this kernel: sweep"),
-            "{}",
-            d[2]
-        );
+        assert!(d[2].starts_with("degraded here: sweep"), "{}", d[2]);
         assert!(d[2].contains("cookie helper"));
         let r = resolved(15 & !feature::TW_BUCKETS);
         let d = degraded(&r, None, None);
         assert_eq!(d.len(), 1);
-        assert!(d[0].starts_with("missing on this kernel: overflow"));
+        assert!(d[0].starts_with("missing here: overflow"));
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! Kernel symbol addresses from /proc/kallsyms.
 //!
 //! TIME_WAIT sockets are recognised by their timer's callback, `tw_timer_handler`, a static
-//! function: its address is only published here (and only to root, under kptr_restrict).
+//! function: its address is only published here, and only to CAP_SYSLOG when kernel.kptr_restrict=1 or
+//! kernel.perf_event_paranoid >= 2 (see `super::privilege`).
 
 use std::{collections::HashMap, fs, io};
+
+use super::privilege::{Cap, Effective, KallsymsSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KallsymsError {
@@ -11,8 +14,9 @@ pub enum KallsymsError {
     Read(#[from] io::Error),
     #[error("kernel symbol {0} not found in /proc/kallsyms")]
     Missing(&'static str),
-    #[error("/proc/kallsyms hides addresses (kptr_restrict): run twtrace as root")]
-    Hidden,
+    /// `why`: the setting that hides them and what to do.
+    #[error("/proc/kallsyms hides kernel addresses from twtrace: {why}")]
+    Hidden { why: String },
 }
 
 /// Looks up `names` (exact, text symbols) in kallsyms-formatted `text`.
@@ -31,7 +35,9 @@ pub fn parse(
         {
             let addr = u64::from_str_radix(addr, 16).unwrap_or(0);
             if addr == 0 {
-                return Err(KallsymsError::Hidden);
+                return Err(KallsymsError::Hidden {
+                    why: "they read as 0".into(),
+                });
             }
             found.insert(n, addr);
         }
@@ -44,8 +50,15 @@ pub fn parse(
     Ok(found)
 }
 
+/// Looks up `names` in /proc/kallsyms; hidden addresses are explained by the settings and
+/// capabilities that hide them.
 pub fn lookup(names: &[&'static str]) -> Result<HashMap<&'static str, u64>, KallsymsError> {
-    parse(&fs::read_to_string("/proc/kallsyms")?, names)
+    parse(&fs::read_to_string("/proc/kallsyms")?, names).map_err(|e| match e {
+        KallsymsError::Hidden { .. } => KallsymsError::Hidden {
+            why: KallsymsSettings::read().why_hidden(Effective::current().has(Cap::Syslog)),
+        },
+        other => other,
+    })
 }
 
 #[cfg(test)]
@@ -72,7 +85,7 @@ mod tests {
         let hidden = "0000000000000000 t tw_timer_handler\n";
         assert!(matches!(
             parse(hidden, &["tw_timer_handler"]),
-            Err(KallsymsError::Hidden)
+            Err(KallsymsError::Hidden { .. })
         ));
     }
 }

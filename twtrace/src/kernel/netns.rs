@@ -7,6 +7,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::privilege::{Cap, Effective};
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     #[error(
@@ -74,14 +76,30 @@ pub fn enumerate() -> Vec<Netns> {
         .collect()
 }
 
+/// The namespaces of [`enumerate`] this process can join: all of them with CAP_SYS_ADMIN
+/// (setns needs it), else only its own.
+pub fn joinable() -> Vec<Netns> {
+    let all = enumerate();
+    if Effective::current().has(Cap::SysAdmin) {
+        return all;
+    }
+    let own = own();
+    all.into_iter().filter(|n| Some(n.inode) == own).collect()
+}
+
 /// Runs `f` on a thread that has joined the namespace at `path`; the caller's is untouched.
+/// In the caller's own namespace nothing is joined (setns would need CAP_SYS_ADMIN).
 pub fn run_in<T: Send + 'static>(
     path: &Path,
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
     let file = fs::File::open(path)?;
     std::thread::spawn(move || {
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        let id = |m: &fs::Metadata| (m.dev(), m.ino());
+        let here = fs::metadata("/proc/thread-self/ns/net").map(|m| id(&m));
+        let there = file.metadata().map(|m| id(&m));
+        let joined = matches!((here, there), (Ok(a), Ok(b)) if a == b);
+        if !joined && unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(io::Error::last_os_error());
         }
         f()

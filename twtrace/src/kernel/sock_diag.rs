@@ -93,9 +93,9 @@ pub fn probe() -> io::Result<()> {
     time_waits_in(path, inode as u32).map(drop)
 }
 
-/// The TIME_WAIT sockets of every namespace twtrace can reach (optionally only one).
+/// The TIME_WAIT sockets of every namespace twtrace can join (optionally only one).
 pub fn snapshot(only: Option<u32>) -> Vec<TwExisting> {
-    netns::enumerate()
+    netns::joinable()
         .into_iter()
         .filter(|n| only.is_none_or(|o| o == n.inode))
         .flat_map(|n| match time_waits_in(&n.path, n.inode) {

@@ -8,19 +8,34 @@ pub const ROOT: &str = "/sys/kernel/tracing";
 #[derive(Debug, thiserror::Error)]
 pub enum TracefsError {
     #[error(
-        "tracefs is not mounted at {ROOT} and mounting it failed ({0}); run: mount -t tracefs nodev {ROOT}"
+        "tracefs is not mounted at {ROOT} and twtrace could not mount it ({0}); as root, run: mount -t tracefs nodev {ROOT}"
     )]
     NotMounted(io::Error),
+    #[error(
+        "tracefs at {ROOT} is closed to this user (mode 0700, root's): run twtrace as root or grant it CAP_DAC_READ_SEARCH"
+    )]
+    Closed,
     #[error("cannot read tracepoint format {path}: {source}")]
     Read { path: String, source: io::Error },
     #[error("tracepoint {event} has no field {field}")]
     NoField { event: String, field: String },
 }
 
-/// Makes sure tracefs is mounted, mounting it if it is not (as root may).
+/// The `f_type` of a tracefs mount.
+const TRACEFS_MAGIC: u64 = 0x7472_6163;
+
+/// Whether tracefs is mounted at [`ROOT`] (statfs needs no access to the directory itself).
+pub fn is_mounted() -> bool {
+    rustix::fs::statfs(ROOT).is_ok_and(|s| s.f_type as u64 == TRACEFS_MAGIC)
+}
+
+/// Makes sure tracefs is mounted and readable, mounting it if it is not (as root may).
 pub fn ensure_mounted() -> Result<(), TracefsError> {
-    if Path::new(ROOT).join("events").is_dir() {
-        return Ok(());
+    match fs::metadata(Path::new(ROOT).join("events")) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(TracefsError::Closed),
+        _ if is_mounted() => return Err(TracefsError::Closed),
+        _ => {}
     }
     let src = c"nodev";
     let target = c"/sys/kernel/tracing";

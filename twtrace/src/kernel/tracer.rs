@@ -16,6 +16,7 @@ use twtrace_ebpf::{Config, Filter, counter};
 use super::{
     btf::{BtfError, KernelBtf, Resolved},
     kallsyms::{self, KallsymsError},
+    privilege::{self, and_list},
     tracefs,
 };
 
@@ -67,10 +68,17 @@ pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TracerError {
+    /// `needed`: every capability tracing needs here; `missing`: those this process lacks.
     #[error(
-        "twtrace needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) to load eBPF programs: run it with sudo"
+        "tracing needs {} here and this process lacks {}: run twtrace as root (sudo), or grant it {} (`twtrace check` lists what each capability gives)",
+        and_list(needed),
+        and_list(missing),
+        and_list(missing)
     )]
-    NotPrivileged,
+    NotPrivileged {
+        needed: Vec<&'static str>,
+        missing: Vec<&'static str>,
+    },
     #[error(
         "this kernel has no BTF ({BTF_PATH} is missing): twtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (Linux 5.8 or later)"
     )]
@@ -133,34 +141,20 @@ impl Loss {
 
 /// Checks what can be checked before touching the kernel, so a user error is one clear line.
 pub fn preflight() -> Result<(), TracerError> {
-    if !privileged() {
-        return Err(TracerError::NotPrivileged);
+    let cx = privilege::Context::current();
+    let missing = privilege::missing_required(&cx);
+    if !missing.is_empty() {
+        let needed = privilege::privileges(&cx)
+            .into_iter()
+            .filter(|p| p.need == privilege::Need::Required)
+            .map(|p| p.name)
+            .collect();
+        return Err(TracerError::NotPrivileged { needed, missing });
     }
     if !Path::new(BTF_PATH).exists() {
         return Err(TracerError::NoBtf);
     }
     Ok(())
-}
-
-/// Root, or the capabilities loading tracing programs and reading kernel pointers need.
-fn privileged() -> bool {
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return false;
-    };
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    [CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF]
-        .iter()
-        .all(|c| cap_eff & (1 << c) != 0)
 }
 
 /// Resolves everything the programs need from the running kernel.
@@ -294,11 +288,12 @@ impl Tracer {
             }
         }
         let sock_diag = super::sock_diag::probe().err().map(|e| e.to_string());
-        let degraded = super::capability::degraded(
+        let mut degraded = super::capability::degraded(
             &setup.resolved,
             bind_missing.as_deref(),
             sock_diag.as_deref(),
         );
+        degraded.extend(privilege::degraded(&privilege::Context::current()));
         for d in &degraded {
             log::warn!("{d}");
         }

@@ -300,7 +300,7 @@ fn decompress(src: &Path, to: &Path) -> anyhow::Result<()> {
 }
 
 /// The host's Debian mirrors: (main archive, security archive), from its apt sources.
-fn host_mirrors() -> (String, String) {
+pub(crate) fn host_mirrors() -> (String, String) {
     let mut uris = Vec::new();
     if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
         for entry in dir.flatten() {

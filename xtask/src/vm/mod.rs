@@ -5,7 +5,7 @@
 //! - initramfs.rs + init.sh: the guests' userspace (static twtrace and test binaries).
 //! - qemu.rs: booting a guest and reading its console.
 
-mod initramfs;
+pub(crate) mod initramfs;
 pub mod kernels;
 mod qemu;
 
@@ -21,7 +21,7 @@ use anyhow::{Context as _, bail};
 use crate::{as_root_sh, ok};
 use kernels::Kernel;
 
-const MUSL: &str = "x86_64-unknown-linux-musl";
+pub(crate) const MUSL: &str = "x86_64-unknown-linux-musl";
 /// The scenario the guests leave out (see `run`).
 const GUEST_SKIPPED: &str = "starts_lost_to_a_full_ring_buffer_are_recovered_by_the_sweep";
 /// The test binaries (tests/tests/*.rs) the guests run, in this order.
@@ -66,7 +66,7 @@ fn suites(opts: &GuestOptions) -> anyhow::Result<Vec<String>> {
     Ok(list)
 }
 
-fn target_dir(root: &Path) -> PathBuf {
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
     env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
