@@ -334,6 +334,21 @@ fn setup() -> anyhow::Result<()> {
             &["install", "-y", "-qq", "iproute2", "tmux", "util-linux"],
         )?;
     }
+    // The Prometheus scenario checks the metrics with promtool and has a Prometheus server
+    // scrape them (Debian's prometheus package has both).
+    if !ok("promtool", &["--version"]) || !ok("prometheus", &["--version"]) {
+        as_root_sh("apt-get", &["update", "-qq"])?;
+        as_root_sh(
+            "apt-get",
+            &[
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "prometheus",
+            ],
+        )?;
+    }
     Ok(())
 }
 

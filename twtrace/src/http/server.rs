@@ -318,7 +318,109 @@ async fn respond(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read as _, Write as _};
+
     use super::*;
+    use crate::http::snapshot;
+
+    /// A plain server on a loopback port, with a renderer answering every request for a fresh
+    /// exposition; runs until the test process ends.
+    fn server() -> SocketAddr {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(async { bind("127.0.0.1:0".parse().unwrap()) })
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (mut publisher, reader) = snapshot::channel("twtrace_up 1\n".into());
+        std::thread::spawn(move || {
+            rt.block_on(async move {
+                tokio::spawn(async move {
+                    loop {
+                        publisher.wanted().await;
+                        publisher.publish("twtrace_up 1\n".into());
+                    }
+                });
+                serve(listener, WebConfig::default(), reader).await
+            })
+        });
+        addr
+    }
+
+    /// Sends `request` and reads until the server closes.
+    fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(request);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn routes_get_and_head_and_refuses_the_rest() {
+        let addr = server();
+        let ok = exchange(addr, b"GET /metrics HTTP/1.0\r\n\r\n");
+        assert!(ok.starts_with("HTTP/1.0 200 OK"), "{ok}");
+        assert!(
+            ok.contains("content-type: text/plain; version=0.0.4"),
+            "{ok}"
+        );
+        assert!(ok.ends_with("\r\n\r\ntwtrace_up 1\n"), "{ok}");
+        let head = exchange(addr, b"HEAD /metrics HTTP/1.0\r\n\r\n");
+        assert!(
+            head.starts_with("HTTP/1.0 200 OK") && head.ends_with("\r\n\r\n"),
+            "{head}"
+        );
+        let missing = exchange(addr, b"GET /x HTTP/1.0\r\n\r\n");
+        assert!(missing.starts_with("HTTP/1.0 404"), "{missing}");
+        let post = exchange(
+            addr,
+            b"POST /metrics HTTP/1.0\r\nContent-Length: 1\r\n\r\nx",
+        );
+        assert!(
+            post.starts_with("HTTP/1.0 405") && post.contains("allow: GET, HEAD"),
+            "{post}"
+        );
+        let junk = exchange(addr, b"\x16\x03\x01\x00\xff garbage\r\n\r\n");
+        assert!(
+            junk.is_empty() || junk.starts_with("HTTP/1.1 400"),
+            "{junk}"
+        );
+    }
+
+    #[test]
+    fn heads_past_the_bounds_get_431() {
+        let addr = server();
+        let long = format!(
+            "GET /metrics HTTP/1.1\r\nX-Long: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD_BYTES)
+        );
+        let r = exchange(addr, long.as_bytes());
+        assert!(r.is_empty() || r.starts_with("HTTP/1.1 431"), "{r}");
+        let many = format!(
+            "GET /metrics HTTP/1.1\r\n{}\r\n",
+            (0..=MAX_HEADERS)
+                .map(|i| format!("X-{i}: v\r\n"))
+                .collect::<String>()
+        );
+        let r = exchange(addr, many.as_bytes());
+        assert!(r.starts_with("HTTP/1.1 431"), "{r}");
+    }
+
+    #[test]
+    fn a_keep_alive_connection_is_closed_after_its_last_request() {
+        let addr = server();
+        let requests =
+            "GET / HTTP/1.1\r\nHost: x\r\n\r\n".repeat(MAX_REQUESTS_PER_CONNECTION as usize + 5);
+        let replies = exchange(addr, requests.as_bytes());
+        let n = replies.matches("HTTP/1.1 200 OK").count();
+        assert_eq!(n, MAX_REQUESTS_PER_CONNECTION as usize, "{replies}");
+        let last = replies.rsplit("HTTP/1.1 200 OK").next().unwrap();
+        assert!(last.contains("connection: close"), "{last}");
+    }
 
     #[test]
     fn accept_backoff_grows_to_its_cap_and_resets() {
