@@ -42,14 +42,14 @@ pub struct BasicAuth {
 }
 
 impl BasicAuth {
-    /// `users` must be non-empty, with hashes already checked to parse (see web_config).
-    pub fn new(users: BTreeMap<String, String>) -> Self {
-        assert!(!users.is_empty(), "basic auth without users");
-        Self {
+    /// Auth for `users` (hashes already checked to parse, see web_config); `None` without
+    /// users, which means no auth.
+    pub fn new(users: BTreeMap<String, String>) -> Option<Self> {
+        (!users.is_empty()).then(|| Self {
             users,
             checks: Semaphore::new(MAX_CONCURRENT_CHECKS),
             cache: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// Whether the `Authorization` header's value lets the request through.
@@ -146,7 +146,7 @@ mod tests {
 
     fn auth() -> BasicAuth {
         let hash = bcrypt::hash("s3cret", 4).unwrap();
-        BasicAuth::new(BTreeMap::from([("prom".to_string(), hash)]))
+        BasicAuth::new(BTreeMap::from([("prom".to_string(), hash)])).unwrap()
     }
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -217,6 +217,11 @@ mod tests {
         }
         assert!(a.cache.lock().unwrap().len() <= CACHE_ENTRIES);
         assert_ne!(cache_key("a:b", "c"), cache_key("a", "b:c"));
+    }
+
+    #[test]
+    fn no_users_is_no_auth() {
+        assert!(BasicAuth::new(BTreeMap::new()).is_none());
     }
 
     #[test]

@@ -144,15 +144,11 @@ impl WebConfig {
             .tls_server_config
             .map(|t| tls_config(&t, dir).map(Arc::new))
             .transpose()?;
-        let auth = match doc.basic_auth_users {
-            Some(Users(users)) if !users.is_empty() => {
-                for (user, hash) in &users {
-                    check_user(user, hash)?;
-                }
-                Some(BasicAuth::new(users))
-            }
-            _ => None,
-        };
+        let users = doc.basic_auth_users.map(|u| u.0).unwrap_or_default();
+        for (user, hash) in &users {
+            check_user(user, hash)?;
+        }
+        let auth = BasicAuth::new(users);
         Ok(Self { tls, auth })
     }
 }
