@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod deadline;
 pub mod ratelog;
+pub mod routes;
 pub mod server;
 pub mod snapshot;
 pub mod web_config;
@@ -20,7 +21,7 @@ use std::time::Duration;
 /// (holding no fd of twtrace's) until one of these ends; each ends within the deadlines below.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Listen backlog: connections the kernel queues for twtrace beyond [`MAX_CONNECTIONS`].
-pub const LISTEN_BACKLOG: i32 = 128;
+pub const LISTEN_BACKLOG: u32 = 128;
 /// The whole request head must arrive within this (from the first byte awaited, so it also
 /// bounds an idle keep-alive connection), and a TLS handshake too.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);

@@ -11,10 +11,7 @@ use std::{
     time::Duration,
 };
 
-use http_body_util::Full;
 use hyper::{
-    Method, Request, Response, StatusCode,
-    body::{Bytes, Incoming},
     header::{self, HeaderValue},
     server::conn::http1,
     service::service_fn,
@@ -29,12 +26,8 @@ use tokio_rustls::TlsAcceptor;
 use super::{
     ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, HEADER_TIMEOUT, LISTEN_BACKLOG, LOG_INTERVAL,
     MAX_CONNECTION_AGE, MAX_CONNECTIONS, MAX_HEAD_BYTES, MAX_HEADERS, MAX_REQUESTS_PER_CONNECTION,
-    SEND_BUFFER, WRITE_TIMEOUT,
-    auth::{BasicAuth, Verdict},
-    deadline::WriteDeadline,
-    ratelog::RateLog,
-    snapshot::Reader,
-    web_config::WebConfig,
+    SEND_BUFFER, WRITE_TIMEOUT, auth::BasicAuth, deadline::WriteDeadline, ratelog::RateLog, routes,
+    snapshot::Reader, web_config::WebConfig,
 };
 
 /// The HTTP threads run at this nice value, below the tracer's.
@@ -53,7 +46,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     // twtrace's write (and its deadline) instead of the kernel buffering megabytes for it.
     socket.set_send_buffer_size(SEND_BUFFER)?;
     socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG as u32)?.into_std()
+    socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
 /// Serves `listener` on a thread of its own, with its own runtime, until the process ends.
@@ -205,7 +198,7 @@ where
         let last = served.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_REQUESTS_PER_CONNECTION;
         let sh = sh.clone();
         async move {
-            let mut resp = respond(req, &sh).await;
+            let mut resp = routes::respond(req, &sh.auth, &sh.reader).await;
             if last {
                 resp.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -259,60 +252,6 @@ fn error_kind(e: &hyper::Error) -> &'static str {
         "closed mid-request"
     } else {
         "connection error"
-    }
-}
-
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-async fn respond(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
-    if let Some(auth) = &shared.auth {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes());
-        match auth.check(given).await {
-            Verdict::Allowed => {}
-            Verdict::Denied => {
-                let mut r = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
-                r.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Basic realm=\"twtrace\", charset=\"UTF-8\""),
-                );
-                return r;
-            }
-            Verdict::Busy => {
-                let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "busy checking passwords\n");
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-                return r;
-            }
-        }
-    }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
-        r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return r;
-    }
-    match req.uri().path() {
-        "/metrics" => {
-            let mut r = text(StatusCode::OK, shared.reader.latest().await);
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            r
-        }
-        "/" => text(StatusCode::OK, "twtrace: TIME_WAIT metrics at /metrics\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
