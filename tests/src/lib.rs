@@ -461,3 +461,133 @@ impl Drop for KillOnDrop {
 pub fn tmp_trace(tag: &str) -> String {
     format!("/tmp/twtrace-it-{}-{tag}.twt", std::process::id())
 }
+
+/// A running `twtrace serve` of one namespace on a free loopback port, its stderr collected;
+/// killed on drop.
+pub struct Serve {
+    child: Child,
+    pub addr: String,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Serve {
+    /// Starts serving and waits until it says so (the programs are attached by then).
+    /// `nofile`: an RLIMIT_NOFILE for it (soft and hard).
+    pub fn start(netns: &Netns, extra: &[&str], nofile: Option<u64>) -> Self {
+        use std::os::unix::process::CommandExt as _;
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(twtrace_bin());
+        cmd.args(["serve", "--listen", &addr, "--netns", &netns.name])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(n) = nofile {
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn twtrace serve");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let err = child.stderr.take().unwrap();
+        let e = stderr.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                e.lock().unwrap().push(line);
+            }
+        });
+        let serve = Self {
+            child,
+            addr,
+            stderr,
+        };
+        let ready = Instant::now() + Duration::from_secs(30);
+        while !serve
+            .stderr_lines()
+            .iter()
+            .any(|l| l.contains("serving metrics on"))
+        {
+            assert!(
+                Instant::now() < ready,
+                "twtrace serve not ready: {:?}",
+                serve.stderr_lines()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        serve
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Open file descriptors.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Resident memory, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// CPU time used so far (utime + stime), seconds.
+    pub fn cpu_secs(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name (which may hold spaces), from field 3 (state) on.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        ticks as f64 / hz
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asserts that an exposition's loss counters (events lost, program runs missed) are all zero,
+/// and that there are some.
+pub fn assert_no_loss(exposition: &str) {
+    let counters: Vec<&str> = exposition
+        .lines()
+        .filter(|l| {
+            l.starts_with("twtrace_lost_events_total") || l.starts_with("twtrace_recursion_misses")
+        })
+        .collect();
+    assert!(counters.len() >= 3, "no loss counters in: {exposition}");
+    for l in counters {
+        assert!(l.ends_with(" 0"), "the tracer lost events: {l}");
+    }
+}

@@ -182,6 +182,10 @@ pub struct ServeArgs {
     /// Address to serve /metrics on. Loopback by default; name an address to expose it.
     #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN)]
     pub listen: std::net::SocketAddr,
+    /// TLS and basic auth for /metrics: a YAML file in the format of Prometheus's
+    /// exporter-toolkit (tls_server_config, basic_auth_users). Off by default.
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config_file: Option<std::path::PathBuf>,
     /// Kernel ring buffer size in MiB (a power of two).
     #[arg(long, value_name = "MIB", default_value_t = 8)]
     pub ring_mib: u32,

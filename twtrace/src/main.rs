@@ -52,13 +52,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// 2 for what the user can correct on the command line (as clap's usage errors), else 1.
+/// 2 for what the user can correct on the command line or in a file it names (as clap's
+/// usage errors), else 1.
 fn exit_code(e: &anyhow::Error) -> ExitCode {
     let usage = e.chain().any(|c| {
         c.downcast_ref::<twtrace::record::RecordError>()
             .is_some_and(|e| e.is_usage())
             || c.downcast_ref::<twtrace::safe_file::SafeFileError>()
                 .is_some_and(|e| e.is_usage())
+            || c.is::<twtrace::http::web_config::WebConfigError>()
     });
     if usage {
         ExitCode::from(2)

@@ -432,6 +432,21 @@ fn host_tools() -> anyhow::Result<()> {
     {
         sh("rustup", &["target", "add", vm::MUSL])?;
     }
+    // The Prometheus scenario checks the metrics with promtool and has a Prometheus server
+    // scrape them (Debian's prometheus package has both).
+    if !ok("promtool", &["--version"]) || !ok("prometheus", &["--version"]) {
+        as_root_sh("apt-get", &["update", "-qq"])?;
+        as_root_sh(
+            "apt-get",
+            &[
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "prometheus",
+            ],
+        )?;
+    }
     Ok(())
 }
 
