@@ -414,24 +414,8 @@ fn host_tools() -> anyhow::Result<()> {
         ("man-db", found("man")),
     ];
     let missing: Vec<&str> = checks.iter().filter(|c| !c.1).map(|c| c.0).collect();
-    if !missing.is_empty() {
-        let mut install = vec!["install", "-y", "-qq"];
-        install.extend(&missing);
-        if as_root_sh("apt-get", &install).is_err() {
-            as_root_sh("apt-get", &["update", "-qq"])?;
-            as_root_sh("apt-get", &install)?;
-        }
-    }
-    let targets = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output()
-        .context("rustup target list")?;
-    if !String::from_utf8_lossy(&targets.stdout)
-        .lines()
-        .any(|l| l.trim() == vm::MUSL)
-    {
-        sh("rustup", &["target", "add", vm::MUSL])?;
-    }
+    apt_install(&missing)?;
+    rust_target(vm::MUSL)?;
     // The Prometheus scenario checks the metrics with promtool and has a Prometheus server
     // scrape them (Debian's prometheus package has both).
     if !ok("promtool", &["--version"]) || !ok("prometheus", &["--version"]) {
@@ -446,6 +430,36 @@ fn host_tools() -> anyhow::Result<()> {
                 "prometheus",
             ],
         )?;
+    }
+    Ok(())
+}
+
+/// Installs Debian `packages` (none: nothing to do), updating the package lists only when
+/// the first try fails.
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    let mut install = vec!["install", "-y", "-qq"];
+    install.extend(packages);
+    if as_root_sh("apt-get", &install).is_err() {
+        as_root_sh("apt-get", &["update", "-qq"])?;
+        as_root_sh("apt-get", &install)?;
+    }
+    Ok(())
+}
+
+/// Adds a rustup target when it is missing.
+fn rust_target(target: &str) -> anyhow::Result<()> {
+    let targets = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("rustup target list")?;
+    if !String::from_utf8_lossy(&targets.stdout)
+        .lines()
+        .any(|l| l.trim() == target)
+    {
+        sh("rustup", &["target", "add", target])?;
     }
     Ok(())
 }

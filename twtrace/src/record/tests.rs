@@ -20,7 +20,10 @@ struct Read {
 }
 
 fn read(path: &Path) -> Result<Read, RecordError> {
-    let mut r = Reader::open(path)?;
+    read_all(Reader::open(path)?)
+}
+
+fn read_all(mut r: Reader) -> Result<Read, RecordError> {
     let mut events = Vec::new();
     while let Some(f) = r.next_frame()? {
         events.extend(f);
@@ -214,16 +217,11 @@ fn rejects_what_is_not_a_trace() {
 
 /// Reads a recording held in memory, on `workers` threads.
 fn read_bytes(data: Vec<u8>, workers: usize) -> Result<Read, RecordError> {
-    let mut r = Reader::from_source("mem", Box::new(std::io::Cursor::new(data)), workers)?;
-    let mut events = Vec::new();
-    while let Some(f) = r.next_frame()? {
-        events.extend(f);
-    }
-    Ok(Read {
-        header: r.header.clone(),
-        events,
-        warnings: r.warnings(),
-    })
+    read_all(Reader::from_source(
+        "mem",
+        Box::new(std::io::Cursor::new(data)),
+        workers,
+    )?)
 }
 
 /// A real recording (twtrace/tests/data/make-loopback.sh): every kind of event.

@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{as_root_sh, ok};
+use crate::ok;
 use kernels::Kernel;
 
 pub(crate) const MUSL: &str = "x86_64-unknown-linux-musl";
@@ -278,25 +278,8 @@ fn ensure_tools() -> anyhow::Result<()> {
             missing.push(package);
         }
     }
-    if !missing.is_empty() {
-        let mut install = vec!["install", "-y", "-qq"];
-        install.extend(&missing);
-        if as_root_sh("apt-get", &install).is_err() {
-            as_root_sh("apt-get", &["update", "-qq"])?;
-            as_root_sh("apt-get", &install)?;
-        }
-    }
-    let targets = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output()
-        .context("rustup target list")?;
-    if !String::from_utf8_lossy(&targets.stdout)
-        .lines()
-        .any(|l| l.trim() == MUSL)
-    {
-        crate::sh("rustup", &["target", "add", MUSL])?;
-    }
-    Ok(())
+    crate::apt_install(&missing)?;
+    crate::rust_target(MUSL)
 }
 
 /// Static (musl) twtrace, twload and test binaries: they run on a bare initramfs.
