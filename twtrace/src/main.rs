@@ -18,6 +18,22 @@ fn main() -> ExitCode {
         .format_timestamp(None)
         .parse_env("TWTRACE_LOG")
         .init();
+    // Commands that print a result and exit end quietly when their reader goes away
+    // (`twtrace report f | head`), as other Unix tools do. The tracing commands keep SIGPIPE
+    // ignored: they see the broken pipe, stop, and still give their summary.
+    if matches!(
+        cli.command,
+        Some(
+            Command::Report(_)
+                | Command::Compare(_)
+                | Command::Check(_)
+                | Command::Completions(_)
+                | Command::Man(_)
+        )
+    ) {
+        // SAFETY: restores the default action of one signal before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

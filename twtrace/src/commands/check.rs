@@ -8,7 +8,7 @@ use twtrace::{
     cli::CheckArgs,
     kernel::{
         capability::{self, Status},
-        config_hz, netns,
+        config_hz, measured_hz, netns,
         privilege::{self, Need, Privilege},
         sock_diag,
         tracer::{self, BTF_PATH, Tracer, TracerOptions},
@@ -40,7 +40,10 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    let hz = config_hz();
+    // What the tracing commands will use (kernel::hz): the config, else the measured rate.
+    let hz = config_hz()
+        .map(|h| (h, "from the kernel's config"))
+        .or_else(|| measured_hz().map(|h| (h, "measured from how fast jiffies count")));
     let reachable = netns::joinable().len();
     let attach = Tracer::start(&TracerOptions::default()).map(drop);
     let sock_diag = sock_diag::probe().err().map(|e| e.to_string());
@@ -54,7 +57,8 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
         let doc = json!({
             "kernel": kernel,
             "btf": BTF_PATH,
-            "config_hz": hz,
+            "config_hz": hz.map(|h| h.0),
+            "config_hz_source": hz.map(|h| h.1),
             "namespaces_reachable": reachable,
             "privileges": privileges,
             "settings": settings_json,
@@ -72,8 +76,8 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
         print_privileges(&privileges, &settings);
         println!("BTF          {BTF_PATH}");
         match hz {
-            Some(hz) => println!("CONFIG_HZ    {hz}"),
-            None => println!("CONFIG_HZ    unknown (measured from jiffies at start)"),
+            Some((hz, how)) => println!("CONFIG_HZ    {hz} ({how})"),
+            None => println!("CONFIG_HZ    unknown: neither in the kernel's config nor measurable"),
         }
         println!("namespaces   {reachable} reachable");
         match &attach {
