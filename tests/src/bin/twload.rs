@@ -274,9 +274,13 @@ fn main() -> anyhow::Result<()> {
                 .min(10_000);
             let l = listener(server)?;
             for _ in 0..n {
-                let (c, s) = pair(&l, server)?;
+                let (c, mut s) = pair(&l, server)?;
                 drop(c);
-                thread::sleep(ms(5));
+                // The server closes once the client's FIN is in (read gives EOF), never
+                // before: a server close racing the FIN would be simultaneous, and leave the
+                // server a TIME_WAIT too (seen under a slow emulated CPU).
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let _ = std::io::Read::read(&mut s, &mut [0u8; 1]);
                 drop(s);
             }
             thread::sleep(ms(50));
