@@ -28,6 +28,20 @@ fn listener(addr: &str) -> anyhow::Result<TcpListener> {
     Ok(s.into())
 }
 
+/// One connection to a server listening on `listen`, made to `to`; the server closes first
+/// (a server TIME_WAIT). Reports the client's port.
+fn server_first(listen: &str, to: &str) -> anyhow::Result<()> {
+    let l = listener(listen)?;
+    let (c, s) = pair(&l, to)?;
+    let port = c.local_addr()?.port();
+    drop(s);
+    thread::sleep(ms(50));
+    drop(c);
+    thread::sleep(ms(50));
+    report(serde_json::json!({ "client_port": port }));
+    Ok(())
+}
+
 /// Connects and accepts one connection: (client, server side).
 fn pair(l: &TcpListener, to: &str) -> anyhow::Result<(TcpStream, TcpStream)> {
     let c = TcpStream::connect(to).context("connect")?;
@@ -76,16 +90,7 @@ fn main() -> anyhow::Result<()> {
             report(serde_json::json!({ "client_port": port }));
         }
         // The server closes first: server TIME_WAIT.
-        "server-first" => {
-            let l = listener(server)?;
-            let (c, s) = pair(&l, server)?;
-            let port = c.local_addr()?.port();
-            drop(s);
-            thread::sleep(ms(50));
-            drop(c);
-            thread::sleep(ms(50));
-            report(serde_json::json!({ "client_port": port }));
-        }
+        "server-first" => server_first(server, server)?,
         // Like server-first, with a dual-stack server (listening on [::]) and an IPv4
         // client: the server's TIME_WAIT is an IPv6 socket with IPv4-mapped addresses.
         "dual-stack" => {
@@ -94,14 +99,7 @@ fn main() -> anyhow::Result<()> {
                 .next()
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(8080);
-            let l = listener(&format!("[::]:{port}"))?;
-            let (c, s) = pair(&l, &format!("127.0.0.1:{port}"))?;
-            let client_port = c.local_addr()?.port();
-            drop(s);
-            thread::sleep(ms(50));
-            drop(c);
-            thread::sleep(ms(50));
-            report(serde_json::json!({ "client_port": client_port }));
+            server_first(&format!("[::]:{port}"), &format!("127.0.0.1:{port}"))?;
         }
         // Like server-first, but the connection stays open until a line (or EOF) on stdin: it
         // can be opened before twtrace starts and closed after.

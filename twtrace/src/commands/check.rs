@@ -8,7 +8,7 @@ use twtrace::{
     cli::CheckArgs,
     kernel::{
         capability::{self, Status},
-        config_hz, measured_hz, netns,
+        found_hz, netns,
         privilege::{self, Need, Privilege},
         sock_diag,
         tracer::{self, BTF_PATH, Tracer, TracerOptions},
@@ -40,10 +40,8 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    // What the tracing commands will use (kernel::hz): the config, else the measured rate.
-    let hz = config_hz()
-        .map(|h| (h, "from the kernel's config"))
-        .or_else(|| measured_hz().map(|h| (h, "measured from how fast jiffies count")));
+    // What the tracing commands use (kernel::hz).
+    let hz = found_hz();
     let reachable = netns::joinable().len();
     let attach = Tracer::start(&TracerOptions::default()).map(drop);
     let sock_diag = sock_diag::probe().err().map(|e| e.to_string());

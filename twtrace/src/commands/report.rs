@@ -16,7 +16,8 @@ pub fn open(files: &[std::path::PathBuf]) -> anyhow::Result<Vec<(String, Reader)
         .collect()
 }
 
-/// Builds the report of `traces`, then warns on stderr about the damage reading them found.
+/// Builds the report of `traces`, then warns on stderr about the damage reading them found
+/// (the report itself lists it among its warnings too).
 pub fn build(
     traces: &mut [(String, Reader)],
     filters: &twtrace::filter::Filters,
@@ -29,7 +30,7 @@ pub fn build(
         r.events,
         started.elapsed().as_secs_f64()
     );
-    for w in &r.warnings {
+    for w in traces.iter().flat_map(|(_, t)| t.warnings()) {
         eprintln!("twtrace: warning: {w}");
     }
     Ok(r)

@@ -18,27 +18,30 @@ const FALLBACK_HZ: u32 = 250;
 /// The values CONFIG_HZ can take.
 const HZ_CHOICES: [u32; 4] = [100, 250, 300, 1000];
 
-/// The kernel's CONFIG_HZ: [`config_hz`], else measured from the jiffies counter
-/// ([`measured_hz`]: Debian ships neither /proc/config.gz nor, in containers, /boot), else
-/// [`FALLBACK_HZ`] with a warning (once).
+/// The kernel's CONFIG_HZ as [`found_hz`] finds it, else [`FALLBACK_HZ`] with a warning
+/// (once).
 pub fn hz() -> u32 {
     static HZ: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *HZ.get_or_init(|| {
-        config_hz()
-            .or_else(|| {
-                let hz = measured_hz();
-                if let Some(hz) = hz {
-                    log::info!("CONFIG_HZ is not readable; measured {hz} from the jiffies counter");
-                }
-                hz
-            })
-            .unwrap_or_else(|| {
-                log::warn!(
-                    "cannot read or measure CONFIG_HZ; assuming {FALLBACK_HZ} for timer lengths"
-                );
-                FALLBACK_HZ
-            })
+    *HZ.get_or_init(|| match found_hz() {
+        Some((hz, how)) => {
+            log::info!("CONFIG_HZ {hz}, {how}");
+            hz
+        }
+        None => {
+            log::warn!(
+                "cannot read or measure CONFIG_HZ; assuming {FALLBACK_HZ} for timer lengths"
+            );
+            FALLBACK_HZ
+        }
     })
+}
+
+/// CONFIG_HZ and how it was found: [`config_hz`], else measured from the jiffies counter
+/// ([`measured_hz`]: Debian ships neither /proc/config.gz nor, in containers, /boot).
+pub fn found_hz() -> Option<(u32, &'static str)> {
+    config_hz()
+        .map(|h| (h, "from the kernel's config"))
+        .or_else(|| measured_hz().map(|h| (h, "measured from how fast jiffies count")))
 }
 
 /// CONFIG_HZ from how fast jiffies count: two readings of /proc/timer_list (root only) 200 ms

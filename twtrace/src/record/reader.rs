@@ -208,11 +208,6 @@ impl Reader {
         })
     }
 
-    /// How many frames may be in flight, read but not yet handed out.
-    pub fn window(&self) -> usize {
-        self.window
-    }
-
     /// Reads frames from the file until `window` are in flight or the file ends.
     fn read_ahead(&mut self) -> Result<(), RecordError> {
         while self.pending.len() < self.window {

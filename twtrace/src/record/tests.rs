@@ -64,8 +64,9 @@ fn tmp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("twtrace-{}-{name}", std::process::id()))
 }
 
-fn write(path: &Path, seconds: u64) -> Vec<Event> {
-    let mut r = Recorder::create(
+/// A new recording at `path`, never rotated.
+fn recorder(path: &Path) -> Recorder {
+    Recorder::create(
         path,
         Existing::Refuse,
         header(),
@@ -74,7 +75,11 @@ fn write(path: &Path, seconds: u64) -> Vec<Event> {
             keep: 0,
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn write(path: &Path, seconds: u64) -> Vec<Event> {
+    let mut r = recorder(path);
     let mut all = vec![];
     for s in 0..seconds {
         let k = TwKey::Cookie(s + 1);
@@ -355,16 +360,7 @@ fn a_recording_of_decompression_bombs_is_read_in_bounded_memory() {
 #[test]
 fn a_scan_larger_than_a_frame_is_written_in_parts_and_read_back_whole() {
     let p = tmp("bigscan.twt");
-    let mut r = Recorder::create(
-        &p,
-        Existing::Refuse,
-        header(),
-        Rotation {
-            max_bytes: 0,
-            keep: 0,
-        },
-    )
-    .unwrap();
+    let mut r = recorder(&p);
     let lines = fixture_lines();
     let scan: Event = lines[1..]
         .iter()
