@@ -157,6 +157,8 @@ impl Reader {
             }
             None => return Err(not_trace("no twtrace header")),
         };
+        // Lines of the header frame that are no events count with the others'.
+        let first_bad = first.bad;
         let (header, rest) = match first {
             Frame {
                 header: Some(h), ..
@@ -201,7 +203,7 @@ impl Reader {
             peeked: (!rest.is_empty()).then_some(rest),
             frames: 1,
             warnings,
-            bad: 0,
+            bad: first_bad,
             damaged: 0,
             oversized: 0,
             done: false,

@@ -334,6 +334,22 @@ fn the_fixture_reads_back_whole_in_any_framing_on_any_number_of_workers() {
 }
 
 #[test]
+fn unreadable_lines_in_the_header_frame_are_counted() {
+    let lines = fixture_lines();
+    let text = format!("{}\nnot an event\n{}\n", lines[0], lines[1]);
+    let data = zstd::bulk::compress(text.as_bytes(), 1).unwrap();
+    let r = read_bytes(data, 0).unwrap();
+    assert_eq!(r.events.len(), 1);
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.ends_with("1 unreadable lines skipped")),
+        "{:?}",
+        r.warnings
+    );
+}
+
+#[test]
 fn a_recording_of_decompression_bombs_is_read_in_bounded_memory() {
     // Frames of 4 MiB of one repeated valid line each: a few kB of file for 64 MiB of text.
     let lines = fixture_lines();
