@@ -328,9 +328,18 @@ pub fn kernel_started_time_waits(
     let now = netns.tcp_ext();
     let delta = |k: &str| now.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
     let counters = delta("TW") + delta("TWKilled");
-    // A TIME_WAIT socket in its FIN_WAIT2 substate is listed as fin-wait-2, with the
-    // timewait timer.
-    let alive = run(
+    let alive = count_all_time_waits(netns) as u64;
+    if counters >= alive {
+        (counters, TwCounting::AtStart)
+    } else {
+        (alive + counters + delta("TWRecycled"), TwCounting::AtEnd)
+    }
+}
+
+/// TIME_WAIT sockets in `netns` in either substate: one in its FIN_WAIT2 substate is listed
+/// as fin-wait-2, with the timewait timer.
+pub fn count_all_time_waits(netns: &Netns) -> usize {
+    run(
         "ip",
         &[
             "netns",
@@ -346,12 +355,7 @@ pub fn kernel_started_time_waits(
     )
     .lines()
     .filter(|l| l.contains("timer:(timewait"))
-    .count() as u64;
-    if counters >= alive {
-        (counters, TwCounting::AtStart)
-    } else {
-        (alive + counters + delta("TWRecycled"), TwCounting::AtEnd)
-    }
+    .count()
 }
 
 /// TIME_WAIT sockets in `netns` towards remote port `rport`, as `ss` counts them.

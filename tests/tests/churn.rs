@@ -3,10 +3,15 @@
 
 use std::time::Duration;
 
-use twtrace_integration::{Netns, Trace, TwCounting, can_run, kernel_started_time_waits};
+use twtrace_integration::{
+    Netns, Trace, TwCounting, can_run, count_all_time_waits, kernel_started_time_waits,
+};
 
+/// The churn, then its 60 s: every TIME_WAIT that entered must have ended by the time the
+/// namespace holds none, each end seen or found by the end check, and the counts must equal
+/// the namespace's own counters in twtrace's own check.
 #[test]
-fn churn_count_equals_kernel_counters_with_no_loss() {
+fn churn_count_equals_kernel_counters_with_no_loss_and_every_time_wait_ends() {
     if !can_run() {
         return;
     }
@@ -29,6 +34,14 @@ fn churn_count_equals_kernel_counters_with_no_loss() {
         std::thread::sleep(Duration::from_millis(200));
         (kernel, how) = kernel_started_time_waits(&ns, &before);
     }
+    // Wait out the TIME_WAITs (60 s, and the timer wheel's rounding), then the end check's
+    // slack after the last one was due, so an end no program reported is found too.
+    let expired = std::time::Instant::now() + Duration::from_secs(100);
+    while count_all_time_waits(&ns) > 0 && std::time::Instant::now() < expired {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let left = count_all_time_waits(&ns);
+    std::thread::sleep(Duration::from_secs(11));
     let (recs, stderr) = t.stop();
     let summary = recs.last().expect("summary");
     assert_eq!(summary["type"], "summary", "{stderr}");
@@ -81,4 +94,20 @@ fn churn_count_equals_kernel_counters_with_no_loss() {
     );
     assert_eq!(summary["undecodable"], 0);
     assert_eq!(summary["totals"]["preexisting"], 0);
+    // Every TIME_WAIT ended, and twtrace saw each end or found it gone.
+    let totals = &summary["totals"];
+    eprintln!(
+        "churn: {left} TIME_WAITs left after the wait; twtrace ended {}, {} of them found by the end check, {} alive, {} given up on",
+        totals["ended"], totals["ends_recovered"], summary["alive"], totals["overdue_dropped"]
+    );
+    assert_eq!(left, 0, "the namespace still holds TIME_WAITs");
+    assert_eq!(totals["ended"], totals["entered"], "{totals}");
+    assert_eq!(summary["alive"], 0, "{totals}");
+    assert_eq!(totals["overdue_dropped"], 0, "{totals}");
+    // twtrace's own check of its counts against the namespace's counters agrees.
+    let checks = summary["kernel_check"].as_array().expect("kernel_check");
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    for c in checks[0]["checks"].as_array().unwrap() {
+        assert_eq!(c["agrees"], true, "{c}");
+    }
 }

@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::{
     FastMap,
     alive::AliveSet,
+    reconcile::{self, Counting, KernelCounts, NetnsCheck, NetnsReadings, OurCounts},
     stats::{ProcKey, Stats},
 };
 
@@ -112,6 +113,8 @@ pub struct TimeWaitRecord {
     pub ended_ns: u64,
     pub end: EndReason,
     pub reused_by: Option<Process>,
+    /// No kernel program reported its end: the end check found it gone once due.
+    pub end_recovered: bool,
 }
 
 impl TimeWaitRecord {
@@ -246,7 +249,11 @@ pub struct Totals {
     pub unmatched_ends: u64,
     /// Of `entered`: starts no kernel program saw, found afterwards by the sweep.
     pub recovered: u64,
-    /// TIME_WAITs given up on: their timer should have ended them long ago.
+    /// Of `ended`: ends no kernel program reported, found by the end check once the timer
+    /// was due (the TIME_WAIT was gone).
+    pub ends_recovered: u64,
+    /// TIME_WAITs given up on: their timer should have ended them long ago, and no end check
+    /// found them gone (offline, or the lookups failed).
     pub overdue_dropped: u64,
 }
 
@@ -317,7 +324,35 @@ pub struct Aggregator<C: Clock> {
     passive_closes: HashMap<u32, u64>,
     loss: crate::kernel::tracer::Loss,
     cgroup_paths: HashMap<u64, String>,
+    /// TIME_WAITs handed to the end check, and when they may be asked about again.
+    end_checks: FastMap<TwKey, u64>,
+    /// Each namespace's kernel counters with twtrace's counts beside them, and when the
+    /// kernel counts TIME_WAITs once a reading told (see [`crate::reconcile`]).
+    readings: FastMap<u32, NetnsReadings>,
+    counting: Option<Counting>,
 }
+
+/// A TIME_WAIT whose timer was due a while ago and whose end no event reported: the live
+/// source looks it up in the kernel (see `kernel::end_check`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndCheck {
+    pub key: TwKey,
+    pub conn: Endpoints,
+    pub substate: Substate,
+    /// When its timer was due (CLOCK_MONOTONIC ns).
+    pub due_ns: u64,
+}
+
+/// How late after its due time a TIME_WAIT is looked up. The timer wheel rounds a timeout up
+/// to its level's granularity, at most an eighth of it (7.5 s for 60 s), and softirqs run late
+/// under load: a second more.
+pub fn end_check_slack_ns(timeout_ns: u64) -> u64 {
+    timeout_ns / 8 + 1_000_000_000
+}
+
+/// A TIME_WAIT still there when looked up (or a lookup that failed) is asked about again no
+/// sooner than this.
+const END_CHECK_AGAIN_NS: u64 = 5_000_000_000;
 
 impl<C: Clock> Aggregator<C> {
     /// `hz` is the kernel's CONFIG_HZ, which timer lengths in events are counted in.
@@ -345,6 +380,9 @@ impl<C: Clock> Aggregator<C> {
             passive_closes: HashMap::new(),
             loss: Default::default(),
             cgroup_paths: HashMap::new(),
+            end_checks: FastMap::default(),
+            readings: FastMap::default(),
+            counting: None,
         }
     }
 
@@ -355,6 +393,17 @@ impl<C: Clock> Aggregator<C> {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// twtrace's counts against the kernel's, per namespace with two readings or more.
+    pub fn kernel_checks(&self) -> Vec<NetnsCheck> {
+        let mut v: Vec<NetnsCheck> = self
+            .readings
+            .iter()
+            .filter_map(|(ns, r)| reconcile::check(*ns, r, self.counting))
+            .collect();
+        v.sort_by_key(|c| c.netns);
+        v
     }
 
     pub fn kernel_counters(&self) -> &HashMap<u32, std::collections::BTreeMap<String, u64>> {
@@ -551,6 +600,7 @@ impl<C: Clock> Aggregator<C> {
                     tw.timeout_ns = u64::from(r.timeout_jiffies) * self.jiffy_ns;
                     tw.rescheduled += 1;
                     self.totals.rescheduled += 1;
+                    self.end_checks.remove(&key);
                 }
             }
             Event::TwEnd(e) => self.end(e, out),
@@ -580,6 +630,18 @@ impl<C: Clock> Aggregator<C> {
             Event::KernelCounters {
                 netns, counters, ..
             } => {
+                if let Some(k) = KernelCounts::from_tcp_ext(&counters) {
+                    let ns = self.by_netns.get(&netns).map(|n| &n.0);
+                    let ours = ns.map_or_else(OurCounts::default, |t| OurCounts {
+                        entered: t.entered,
+                        expired: t.expired,
+                        reused: t.reused,
+                        overflow: t.overflow,
+                    });
+                    let r = self.readings.entry(netns).or_default();
+                    r.push(k, ours);
+                    self.counting = self.counting.or_else(|| r.counting());
+                }
                 self.kernel_counters.insert(netns, counters);
             }
             Event::Cgroup { id, path, .. } => {
@@ -721,12 +783,14 @@ impl<C: Clock> Aggregator<C> {
             }
             return;
         };
+        self.end_checks.remove(&key);
         self.totals.count_end(e.end);
-        self.by_netns
-            .entry(tw.conn.netns)
-            .or_default()
-            .0
-            .count_end(e.end);
+        let ns = &mut self.by_netns.entry(tw.conn.netns).or_default().0;
+        ns.count_end(e.end);
+        if e.recovered {
+            ns.ends_recovered += 1;
+            self.totals.ends_recovered += 1;
+        }
         self.track(&tw, e.ts_ns, false);
         self.stats.ended(
             proc_key(&tw.closer),
@@ -746,6 +810,7 @@ impl<C: Clock> Aggregator<C> {
             ended_ns: e.ts_ns,
             end: e.end,
             reused_by: e.by,
+            end_recovered: e.recovered,
         }));
     }
 
@@ -786,6 +851,33 @@ impl<C: Clock> Aggregator<C> {
         }
     }
 
+    /// TIME_WAITs whose timer was due [`end_check_slack_ns`] ago with no end seen, at most
+    /// `max`, for the live source to look up; each is asked about again at most every
+    /// [`END_CHECK_AGAIN_NS`] until its end comes or it is given up on (see [`Self::tick`]).
+    pub fn ends_due(&mut self, max: usize) -> Vec<EndCheck> {
+        let now = self.clock.now_ns();
+        let mut out = Vec::new();
+        for tw in self.alive.iter() {
+            let due_ns = tw.armed_ns.saturating_add(tw.timeout_ns);
+            if now < due_ns.saturating_add(end_check_slack_ns(tw.timeout_ns))
+                || self.end_checks.get(&tw.key).is_some_and(|&next| now < next)
+            {
+                continue;
+            }
+            self.end_checks.insert(tw.key, now + END_CHECK_AGAIN_NS);
+            out.push(EndCheck {
+                key: tw.key,
+                conn: tw.conn,
+                substate: tw.substate,
+                due_ns,
+            });
+            if out.len() >= max {
+                break;
+            }
+        }
+        out
+    }
+
     /// Housekeeping driven by the injected clock: forgets ends that never found their
     /// TIME_WAIT, and gives up on TIME_WAITs whose timer should have fired long ago (their end
     /// was lost). Call about once a second.
@@ -805,7 +897,13 @@ impl<C: Clock> Aggregator<C> {
             .extract_if(|tw| now >= tw.armed_ns + tw.timeout_ns + OVERDUE_GRACE_NS);
         for tw in overdue {
             self.track(&tw, now, false);
+            self.end_checks.remove(&tw.key);
             self.totals.overdue_dropped += 1;
+            self.by_netns
+                .entry(tw.conn.netns)
+                .or_default()
+                .0
+                .overdue_dropped += 1;
         }
         let by_remote = &self.by_remote;
         self.rates.retain(|d, r| {
@@ -890,6 +988,7 @@ pub(crate) mod tests {
             substate: Substate::TimeWait,
             by: (end == EndReason::Reused).then(|| proc_(20, "reuser")),
             addr: None,
+            recovered: false,
         })
     }
 
@@ -1279,6 +1378,98 @@ pub(crate) mod tests {
         a.tick();
         assert_eq!(a.alive_count(), 0);
         assert_eq!(a.totals().overdue_dropped, 1);
+    }
+
+    #[test]
+    fn a_time_wait_whose_end_never_came_is_checked_once_due_and_ended_as_recovered() {
+        let (mut a, clock) = agg();
+        let mut out = vec![];
+        a.ingest(enter(TwKey::Cookie(1), S, Substate::TimeWait), &mut out);
+        let due = 61 * S;
+        let slack = end_check_slack_ns(TIMEWAIT_LEN_NS);
+        clock.set(due + slack - 1);
+        assert_eq!(a.ends_due(10), vec![]);
+        clock.set(due + slack);
+        let checks = a.ends_due(10);
+        assert_eq!(
+            checks,
+            vec![EndCheck {
+                key: TwKey::Cookie(1),
+                conn: conn(40000),
+                substate: Substate::TimeWait,
+                due_ns: due,
+            }]
+        );
+        // Asked for once: not again until the check had time to answer.
+        assert_eq!(a.ends_due(10), vec![]);
+        clock.set(due + slack + END_CHECK_AGAIN_NS);
+        assert_eq!(a.ends_due(10).len(), 1);
+        let mut e = match end(TwKey::Cookie(1), due, EndReason::Expired) {
+            Event::TwEnd(e) => e,
+            _ => unreachable!(),
+        };
+        e.recovered = true;
+        a.ingest(Event::TwEnd(e), &mut out);
+        let r = only_tw(&out);
+        assert!(r.end_recovered);
+        assert_eq!(r.lifetime_ns(), 60 * S);
+        let t = a.totals();
+        assert_eq!(
+            (t.ended, t.expired, t.ends_recovered, a.alive_count()),
+            (1, 1, 1, 0)
+        );
+        assert_eq!(a.netns_totals(1).0.ends_recovered, 1);
+        clock.set(due + 10 * OVERDUE_GRACE_NS);
+        a.tick();
+        assert_eq!(a.totals().overdue_dropped, 0);
+        assert!(a.end_checks.is_empty());
+    }
+
+    #[test]
+    fn a_time_wait_found_still_there_is_checked_again_after_its_new_timeout() {
+        let (mut a, clock) = agg();
+        let mut out = vec![];
+        a.ingest(enter(TwKey::Cookie(1), S, Substate::TimeWait), &mut out);
+        let first = 61 * S + end_check_slack_ns(TIMEWAIT_LEN_NS);
+        clock.set(first);
+        assert_eq!(a.ends_due(10).len(), 1);
+        // The check found it with 2 s left (500 jiffies at HZ=250).
+        a.ingest(
+            Event::TwResched(TwResched {
+                ts_ns: first,
+                cpu: 0,
+                key: TwKey::Cookie(1),
+                substate: Substate::TimeWait,
+                timeout_jiffies: 500,
+                addr: None,
+            }),
+            &mut out,
+        );
+        let again = first + 2 * S + end_check_slack_ns(2 * S);
+        clock.set(again - 1);
+        assert_eq!(a.ends_due(10), vec![]);
+        clock.set(again);
+        assert_eq!(a.ends_due(10)[0].due_ns, first + 2 * S);
+        // Past the grace of its new timer, with no answer: given up on, and counted.
+        clock.set(first + 2 * S + OVERDUE_GRACE_NS);
+        a.tick();
+        assert_eq!((a.alive_count(), a.totals().overdue_dropped), (0, 1));
+        assert_eq!(a.netns_totals(1).0.overdue_dropped, 1);
+    }
+
+    #[test]
+    fn ends_due_hands_out_at_most_the_limit_and_the_rest_later() {
+        let (mut a, clock) = agg();
+        let mut out = vec![];
+        for k in 1..=5 {
+            a.ingest(enter(TwKey::Cookie(k), S, Substate::TimeWait), &mut out);
+        }
+        clock.set(61 * S + end_check_slack_ns(TIMEWAIT_LEN_NS));
+        let mut asked: Vec<TwKey> = a.ends_due(3).into_iter().map(|c| c.key).collect();
+        assert_eq!(asked.len(), 3);
+        asked.extend(a.ends_due(3).into_iter().map(|c| c.key));
+        asked.sort();
+        assert_eq!(asked, (1..=5).map(TwKey::Cookie).collect::<Vec<_>>());
     }
 
     #[test]

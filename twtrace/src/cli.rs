@@ -56,6 +56,16 @@ impl Cli {
     }
 }
 
+/// Whether the `twtrace record` command line a recording's header keeps traced all of each
+/// namespace's traffic (no filter but `--netns`); None when it is no such command line.
+pub fn recorded_whole_namespaces(command_line: &[String]) -> Option<bool> {
+    use clap::Parser as _;
+    match Cli::try_parse_from(command_line).ok()?.command? {
+        Command::Record(r) => Some(r.filter.whole_namespaces()),
+        _ => None,
+    }
+}
+
 /// `sudo twtrace`: the live view.
 #[derive(Debug, Args, Default)]
 pub struct LiveArgs {
@@ -331,6 +341,16 @@ pub struct FilterArgs {
 }
 
 impl FilterArgs {
+    /// No filter but `--netns`: all of each traced namespace's traffic.
+    pub fn whole_namespaces(&self) -> bool {
+        self.pid.is_none()
+            && self.comm.is_none()
+            && self.lports.is_empty()
+            && self.rports.is_empty()
+            && !self.ipv4
+            && !self.ipv6
+    }
+
     pub fn filters(&self) -> Result<Filters, netns::NetnsError> {
         Ok(Filters {
             pid: self.pid,
@@ -371,6 +391,25 @@ pub struct TraceArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recorded_command_line_tells_whether_whole_namespaces_were_traced() {
+        let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let whole = |a: &[&str]| recorded_whole_namespaces(&argv(a));
+        assert_eq!(whole(&["twtrace", "record", "-o", "x.twt"]), Some(true));
+        assert_eq!(
+            whole(&["twtrace", "record", "--netns", "web", "-o", "x.twt"]),
+            Some(true)
+        );
+        assert_eq!(
+            whole(&["twtrace", "record", "-p", "7", "-o", "x"]),
+            Some(false)
+        );
+        assert_eq!(whole(&["twtrace", "record", "-4", "-o", "x"]), Some(false));
+        assert_eq!(whole(&["twtrace", "trace"]), None);
+        assert_eq!(whole(&["twtrace", "record", "--bogus"]), None);
+        assert_eq!(whole(&[]), None);
+    }
 
     #[test]
     fn numbers_out_of_range_are_refused_not_panicked_on() {

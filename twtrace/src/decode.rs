@@ -96,6 +96,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 substate: Substate::from_tcp_state(r.substate),
                 by: (end == EndReason::Reused).then(|| process(&r.by)),
                 addr: (r.cookie != 0).then_some(r.tw),
+                recovered: false,
             })
         }
         EventKind::NoTw => {

@@ -252,6 +252,10 @@ pub struct TwEnd {
     /// dump such as `ss` assigns them where tracing programs cannot) must still find it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addr: Option<u64>,
+    /// No kernel program reported this end: the end check found the TIME_WAIT gone once its
+    /// timer was due (`ts_ns` is when it was due, `end` the best-known reason).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recovered: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -26,6 +26,16 @@ pub enum FilterError {
 }
 
 impl Filters {
+    /// Whether what passes is all of a namespace's traffic (or all namespaces'): only then do
+    /// twtrace's counts answer to the kernel's own counters.
+    pub fn whole_namespaces(&self) -> bool {
+        self.pid.is_none()
+            && self.comm.is_none()
+            && self.lports.is_empty()
+            && self.rports.is_empty()
+            && self.family.is_none()
+    }
+
     pub fn to_kernel(&self) -> Result<Filter, FilterError> {
         if self.lports.len() > MAX_PORT_FILTERS || self.rports.len() > MAX_PORT_FILTERS {
             return Err(FilterError::TooManyPorts);

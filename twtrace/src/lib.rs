@@ -18,6 +18,7 @@ pub mod kernel;
 pub mod live;
 pub mod metrics;
 pub mod output;
+pub mod reconcile;
 pub mod record;
 pub mod report;
 pub mod safe_file;

@@ -17,14 +17,14 @@ use std::{
 use crate::{
     aggregate::{Aggregator, Clock, Record},
     event::{EndReason, PortOp, Role},
-    kernel::tracer::Loss,
 };
 
 pub const MAX_PROCESS_LABELS: usize = 50;
 pub const MAX_NETNS_LABELS: usize = 64;
 pub const MAX_DESTINATIONS: usize = 20;
-/// An upper bound on the number of series, from the limits above.
-pub const MAX_SERIES: usize = 1500;
+/// An upper bound on the number of series, from the limits above (the kernel check adds 9 per
+/// namespace label).
+pub const MAX_SERIES: usize = 1500 + 9 * MAX_NETNS_LABELS;
 
 const OTHER: &str = "other";
 /// Lifetime histogram buckets, seconds: around TCP_TIMEWAIT_LEN (60 s) finely.
@@ -165,7 +165,10 @@ impl Exporter {
         }
     }
 
-    pub fn render<C: Clock>(&mut self, agg: &Aggregator<C>, loss: &Loss) -> String {
+    /// The exposition; `whole_namespaces` when the filters let all of each namespace's traffic
+    /// through, so twtrace's counts are set against the kernel's (`twtrace_kernel_*`).
+    pub fn render<C: Clock>(&mut self, agg: &Aggregator<C>, whole_namespaces: bool) -> String {
+        let loss = agg.loss();
         let mut o = String::new();
         let t = agg.totals();
         let family = |o: &mut String, name: &str, kind: &str, help: &str| {
@@ -418,7 +421,48 @@ impl Exporter {
                 let _ = writeln!(o, "{name}{{netns=\"{n}\"}} {}", get(s));
             }
         }
+        if whole_namespaces {
+            self.kernel_checks(&mut o, agg);
+        }
         o
+    }
+
+    /// Each namespace's kernel counters against twtrace's counts, changes since twtrace
+    /// first read them: `twtrace_kernel_counter_change` and the count twtrace has for it.
+    fn kernel_checks<C: Clock>(&mut self, o: &mut String, agg: &Aggregator<C>) {
+        let checks: Vec<_> = agg
+            .kernel_checks()
+            .into_iter()
+            .filter(|c| self.netns.keep(&c.netns))
+            .collect();
+        let rows = |o: &mut String, name: &str, pick: fn(&crate::reconcile::Check) -> u64| {
+            for c in &checks {
+                for x in &c.checks {
+                    let counter = x.counter.split(' ').next().unwrap_or(x.counter);
+                    let _ = writeln!(
+                        o,
+                        "{name}{{netns=\"{}\",counter=\"{counter}\"}} {}",
+                        c.netns,
+                        pick(x)
+                    );
+                }
+            }
+        };
+        let _ = writeln!(
+            o,
+            "# HELP twtrace_kernel_counter_change The namespace's own TcpExt counter (TW+TWKilled, TWRecycled, TCPTimeWaitOverflow), change since twtrace first read it.\n# TYPE twtrace_kernel_counter_change gauge"
+        );
+        rows(o, "twtrace_kernel_counter_change", |x| x.kernel);
+        let _ = writeln!(
+            o,
+            "# HELP twtrace_kernel_counter_twtrace What twtrace counted over the same span for the same counter (TIME_WAITs entered, or expired where the kernel counts at expiry; reused; overflows).\n# TYPE twtrace_kernel_counter_twtrace gauge"
+        );
+        rows(o, "twtrace_kernel_counter_twtrace", |x| x.twtrace);
+        let _ = writeln!(
+            o,
+            "# HELP twtrace_kernel_check_agrees 1 when twtrace's count equals the kernel's counter over the same span.\n# TYPE twtrace_kernel_check_agrees gauge"
+        );
+        rows(o, "twtrace_kernel_check_agrees", |x| u64::from(x.agrees));
     }
 }
 
@@ -434,6 +478,47 @@ mod tests {
         },
         event::{Event, NetnsSettings, Substate, TwKey},
     };
+
+    fn counters(netns: u32, ts_ns: u64, tw: u64) -> Event {
+        Event::KernelCounters {
+            ts_ns,
+            netns,
+            counters: [
+                ("TW", tw),
+                ("TWKilled", 0),
+                ("TWRecycled", 0),
+                ("TCPTimeWaitOverflow", 0),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn kernel_counters_are_set_against_twtraces_counts_only_for_whole_namespaces() {
+        let mut agg = Aggregator::new(ReplayClock::default(), 250);
+        let mut x = Exporter::new(Box::new(|_| None));
+        let mut out = vec![];
+        agg.ingest(counters(1, 0, 100), &mut out);
+        for i in 0..2u64 {
+            agg.ingest(enter(TwKey::Cookie(i + 1), i, Substate::TimeWait), &mut out);
+        }
+        agg.ingest(counters(1, 5, 103), &mut out);
+        let text = x.render(&agg, true);
+        assert!(
+            text.contains("twtrace_kernel_counter_change{netns=\"1\",counter=\"TW+TWKilled\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("twtrace_kernel_counter_twtrace{netns=\"1\",counter=\"TW+TWKilled\"} 2")
+        );
+        assert!(
+            text.contains("twtrace_kernel_check_agrees{netns=\"1\",counter=\"TW+TWKilled\"} 0")
+        );
+        assert!(text.contains("twtrace_kernel_check_agrees{netns=\"1\",counter=\"TWRecycled\"} 1"));
+        assert!(!x.render(&agg, false).contains("twtrace_kernel_"));
+    }
 
     fn series(text: &str) -> usize {
         text.lines().filter(|l| !l.starts_with('#')).count()
@@ -456,7 +541,7 @@ mod tests {
         for r in &out {
             x.observe(r);
         }
-        let text = x.render(&agg, &Loss::default());
+        let text = x.render(&agg, true);
         assert!(text.contains(
             "twtrace_time_wait_entered_total{role=\"client\",comm=\"client\",container=\"web.service\"} 3"
         ));
@@ -494,8 +579,11 @@ mod tests {
                 },
                 &mut out,
             );
+            for _ in 0..2 {
+                agg.ingest(counters(i as u32, i, 1), &mut out);
+            }
         }
-        let text = x.render(&agg, &Loss::default());
+        let text = x.render(&agg, true);
         assert!(series(&text) <= MAX_SERIES, "{} series", series(&text));
         let other =
             "twtrace_time_wait_entered_total{role=\"client\",comm=\"other\",container=\"other\"}";
@@ -508,7 +596,7 @@ mod tests {
         // A comm seen first keeps its label later; a latecomer stays in "other".
         x.entered(Role::Client, Some(("p0", 0)));
         x.entered(Role::Client, Some(("p1999", 1999)));
-        let again = x.render(&agg, &Loss::default());
+        let again = x.render(&agg, true);
         assert!(again.contains("comm=\"p0\",container=\"c0\"} 2"));
         let line = again.lines().find(|l| l.starts_with(other)).unwrap();
         assert!(

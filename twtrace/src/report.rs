@@ -14,6 +14,7 @@ use crate::{
     event::{EndReason, NetnsSettings, PortOp, Role},
     filter::{EventFilter, Filters},
     kernel::tracer::Loss,
+    reconcile::NetnsCheck,
     record::{Frames, RecordError},
     stats::Lifetimes,
 };
@@ -112,6 +113,9 @@ pub struct Report {
     pub loss: Loss,
     /// Ends of TIME_WAITs never seen starting (see `Aggregator::ends_without_start`).
     pub ends_without_start: u64,
+    /// twtrace's counts against each namespace's own counters (see [`crate::reconcile`]);
+    /// None when the recording or the report filtered by anything but the namespace.
+    pub kernel_checks: Option<Vec<NetnsCheck>>,
     pub warnings: Vec<String>,
 }
 
@@ -310,6 +314,14 @@ pub fn build<F: Frames>(
             t.overdue_dropped
         ));
     }
+    let whole = filters.whole_namespaces()
+        && traces.iter().all(|(_, t)| {
+            crate::cli::recorded_whole_namespaces(&t.header().command_line) == Some(true)
+        });
+    let kernel_checks = whole.then(|| agg.kernel_checks());
+    for c in kernel_checks.iter().flatten().filter(|c| !c.agrees()) {
+        warnings.push(crate::reconcile::describe(c));
+    }
     if !loss.is_zero() {
         warnings.push(format!(
             "the recording lost events: {} (ring buffer full), {} recursion misses ({} TIME_WAIT starts recovered by the sweep)",
@@ -386,6 +398,7 @@ pub fn build<F: Frames>(
         advice,
         loss,
         ends_without_start: agg.ends_without_start(),
+        kernel_checks,
         warnings,
         totals: t,
     })

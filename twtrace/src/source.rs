@@ -8,11 +8,12 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
 
 use crate::{
+    aggregate::{Aggregator, Clock, EndCheck},
     decode::decode,
     event::{Event, TwExisting},
     filter::Filters,
     kernel::{
-        netns, sock_diag,
+        end_check, netns, sock_diag,
         sweep::{SWEEP_EVERY, Sweeper},
         tracer::{self, Loss, Tracer, TracerError, TracerOptions},
     },
@@ -26,6 +27,8 @@ pub struct LiveSource {
     snapshot_timer: tokio::time::Interval,
     /// What the background pollers read: namespace state, and starts the sweep recovered.
     polled: tokio::sync::mpsc::Receiver<Vec<Event>>,
+    /// TIME_WAITs due with no end seen, for the sweep's end check.
+    end_checks: tokio::sync::mpsc::Sender<Vec<EndCheck>>,
     _pollers: [tokio::task::JoinHandle<()>; 2],
     filters: Filters,
     decode_errors: u64,
@@ -69,10 +72,11 @@ impl LiveSource {
         let mut snapshot_timer = tokio::time::interval(SNAPSHOT_EVERY);
         snapshot_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (tx, polled) = tokio::sync::mpsc::channel(4);
+        let (end_checks, checks) = tokio::sync::mpsc::channel(4);
         let sweeper = Sweeper::new(tracer.take_closing()?, crate::kernel::hz(), filters.clone());
         let pollers = [
             tokio::spawn(poll_port_state(filters.netns, tx.clone())),
-            tokio::spawn(sweep(sweeper, tx)),
+            tokio::spawn(sweep(sweeper, checks, tx)),
         ];
         Ok(Self {
             tracer,
@@ -81,6 +85,7 @@ impl LiveSource {
             drain_timer,
             snapshot_timer,
             polled,
+            end_checks,
             _pollers: pollers,
             filters: filters.clone(),
             decode_errors: 0,
@@ -143,6 +148,17 @@ impl LiveSource {
     }
 
     /// Appends whatever the ring buffer holds now, without waiting.
+    /// The aggregator's housekeeping (call about once a second), then the end check of the
+    /// TIME_WAITs it found due: what the check finds comes back through [`Self::read`].
+    pub fn tick<C: Clock>(&self, agg: &mut Aggregator<C>) {
+        agg.tick();
+        let due = agg.ends_due(MAX_END_CHECKS);
+        // Full only while the sweep is still on the last ones: these are asked for again.
+        if !due.is_empty() {
+            let _ = self.end_checks.try_send(due);
+        }
+    }
+
     pub fn drain(&mut self, out: &mut Vec<Event>) {
         Self::drain_ring(self.ring.get_mut(), out, &mut self.decode_errors);
     }
@@ -230,14 +246,31 @@ async fn poll_port_state(only: Option<u32>, tx: tokio::sync::mpsc::Sender<Vec<Ev
     }
 }
 
-/// Runs the sweep every [`SWEEP_EVERY`] (see [`crate::kernel::sweep`]).
-async fn sweep(mut sweeper: Sweeper, tx: tokio::sync::mpsc::Sender<Vec<Event>>) {
+/// End checks per tick at most: each is a netlink round trip of a few microseconds.
+const MAX_END_CHECKS: usize = 4096;
+
+/// Runs the sweep every [`SWEEP_EVERY`] (see [`crate::kernel::sweep`]), and the end checks
+/// asked for since (see [`end_check`]): recovered starts go first, so their ends find them.
+async fn sweep(
+    mut sweeper: Sweeper,
+    mut checks: tokio::sync::mpsc::Receiver<Vec<EndCheck>>,
+    tx: tokio::sync::mpsc::Sender<Vec<Event>>,
+) {
     let mut every = tokio::time::interval(SWEEP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let jiffy_ns = 1_000_000_000 / u64::from(crate::kernel::hz().max(1));
     loop {
         every.tick().await;
+        let mut due = Vec::new();
+        while let Ok(c) = checks.try_recv() {
+            due.extend(c);
+        }
         let Ok((back, events)) = tokio::task::spawn_blocking(move || {
-            let events = sweeper.run();
+            let mut events = sweeper.run();
+            if !due.is_empty() {
+                let now = crate::aggregate::MonotonicClock.now_ns();
+                events.extend(end_check::run(due, now, jiffy_ns));
+            }
             (sweeper, events)
         })
         .await

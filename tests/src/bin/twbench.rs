@@ -520,6 +520,7 @@ fn report_time(o: &Opts) -> anyhow::Result<Value> {
             substate: Substate::TimeWait,
             by: None,
             addr: None,
+            recovered: false,
         }))?;
         if i % 50_000 == 0 {
             rec.flush()?;

@@ -28,6 +28,8 @@ use twtrace::kernel::hz;
 trait Feed {
     /// Waits for events and appends them.
     async fn read(&mut self, out: &mut Vec<Event>) -> anyhow::Result<()>;
+    /// The aggregator's housekeeping, about once a second.
+    fn tick<C: Clock>(&self, agg: &mut Aggregator<C>);
 }
 
 impl Feed for LiveSource {
@@ -35,6 +37,10 @@ impl Feed for LiveSource {
         LiveSource::read(self, out)
             .await
             .context("reading kernel events")
+    }
+
+    fn tick<C: Clock>(&self, agg: &mut Aggregator<C>) {
+        LiveSource::tick(self, agg);
     }
 }
 
@@ -76,6 +82,11 @@ impl Feed for Playback {
         }
         Ok(())
     }
+
+    /// Housekeeping only: the end checks made while recording are in the recording.
+    fn tick<C: Clock>(&self, agg: &mut Aggregator<C>) {
+        agg.tick();
+    }
 }
 
 impl Playback {
@@ -102,6 +113,8 @@ impl Playback {
 struct Identity {
     /// The namespace the view starts on (`--netns`).
     netns: Option<u32>,
+    /// All of each namespace's traffic is traced (or was, in the recording played).
+    whole_namespaces: bool,
     host: String,
     kernel: String,
     started_ns: u64,
@@ -122,6 +135,7 @@ pub async fn run(args: &LiveArgs, verbose: bool) -> anyhow::Result<()> {
     let agg = Aggregator::new(MonotonicClock, hz());
     let id = Identity {
         netns: filters.netns,
+        whole_namespaces: filters.whole_namespaces(),
         host: super::read_proc("/proc/sys/kernel/hostname"),
         kernel: super::read_proc("/proc/sys/kernel/osrelease"),
         started_ns: MonotonicClock.now_ns(),
@@ -150,6 +164,8 @@ pub async fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
     let agg = Aggregator::new(clock.clone(), header.hz);
     let id = Identity {
         netns: None,
+        whole_namespaces: twtrace::cli::recorded_whole_namespaces(&header.command_line)
+            == Some(true),
         host: header.hostname.clone(),
         kernel: header.kernel.clone(),
         started_ns: first_ns,
@@ -189,6 +205,7 @@ async fn view<C: Clock, F: Feed>(
     let result = async {
         let mut v = ViewState {
             netns: id.netns,
+            whole_namespaces: id.whole_namespaces,
             ..ViewState::default()
         };
         let mut cgroups = CgroupNames::default();
@@ -204,7 +221,7 @@ async fn view<C: Clock, F: Feed>(
             tokio::select! {
                 r = feed.read(&mut events) => r?,
                 _ = refresh.tick() => {
-                    agg.tick();
+                    feed.tick(&mut agg);
                     if !v.paused || model.is_none() {
                         model = Some(v.model(
                             &agg,
@@ -299,7 +316,7 @@ async fn plain(
         tokio::select! {
             r = source.read(&mut events) => r.context("reading kernel events")?,
             _ = refresh.tick() => {
-                agg.tick();
+                source.tick(&mut agg);
                 let m = v.model(&agg, "", "", 0, None, &mut |_| String::new());
                 let top: Vec<String> = m.procs.iter().take(3).map(|p| format!("{}({}) {}", p.comm, p.pid, p.alive)).collect();
                 let r = &m.rates;

@@ -71,7 +71,7 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
             r = source.read(&mut events) => r.context("reading kernel events")?,
             _ = flush.tick() => {
                 rec.flush()?;
-                agg.tick();
+                source.tick(&mut agg);
                 reported = warn_new_loss(source.loss(), &reported);
             }
             _ = stop.requested() => break,
@@ -107,13 +107,23 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
         rec.bytes as f64 / rec.events.max(1) as f64,
         args.output.display()
     );
-    summary(&agg, &loss, source.decode_errors());
+    summary(
+        &agg,
+        &loss,
+        source.decode_errors(),
+        filters.whole_namespaces(),
+    );
     if args.json {
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
             "{}",
-            json::summary(&agg, &loss, source.decode_errors())
+            json::summary(
+                &agg,
+                &loss,
+                source.decode_errors(),
+                filters.whole_namespaces()
+            )
         )?;
     }
     Ok(())

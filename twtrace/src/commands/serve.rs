@@ -35,10 +35,9 @@ pub async fn run(args: &ServeArgs, verbose: bool) -> anyhow::Result<()> {
     let mut cgroups = CgroupNames::default();
     let mut agg = Aggregator::new(MonotonicClock, hz());
     let mut exporter = Exporter::new(Box::new(move |id| cgroups.display(id)));
-    let render = |exporter: &mut Exporter, agg: &Aggregator<MonotonicClock>| {
-        let loss = agg.loss().clone();
-        exporter.render(agg, &loss)
-    };
+    let whole = filters.whole_namespaces();
+    let render =
+        |exporter: &mut Exporter, agg: &Aggregator<MonotonicClock>| exporter.render(agg, whole);
     let (mut publisher, reader) = snapshot::channel(render(&mut exporter, &agg));
     let scheme = if web.tls.is_some() { "https" } else { "http" };
     server::spawn(listener, web, reader).context("starting the metrics server")?;
@@ -53,7 +52,7 @@ pub async fn run(args: &ServeArgs, verbose: bool) -> anyhow::Result<()> {
         tokio::select! {
             r = source.read(&mut events) => r.context("reading kernel events")?,
             _ = tick.tick() => {
-                agg.tick();
+                source.tick(&mut agg);
                 publisher.publish(render(&mut exporter, &agg));
             }
             _ = publisher.wanted() => publisher.publish(render(&mut exporter, &agg)),

@@ -14,6 +14,7 @@ use twtrace::{
     cli::TraceArgs,
     kernel::{hz, tracer::Loss},
     output::{TimeBase, json, lines},
+    reconcile,
     source::LiveSource,
 };
 
@@ -49,7 +50,7 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
         tokio::select! {
             r = source.read(&mut events) => r.context("reading kernel events")?,
             _ = tick.tick() => {
-                agg.tick();
+                source.tick(&mut agg);
                 reported = warn_new_loss(source.loss(), &reported);
                 ticks += 1;
                 if ticks.is_multiple_of(PRESSURE_EVERY_S)
@@ -74,12 +75,22 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     let loss = source.loss();
     if args.json {
         // A last object with the totals, so a consumer knows what the stream covered and lost.
-        let mut summary = json::summary(&agg, &loss, source.decode_errors());
+        let mut summary = json::summary(
+            &agg,
+            &loss,
+            source.decode_errors(),
+            filters.whole_namespaces(),
+        );
         summary["degraded"] = source.degraded().into();
         let _ = writeln!(stdout, "{summary}").and_then(|_| stdout.flush());
     }
     drop(stdout);
-    summary(&agg, &loss, source.decode_errors());
+    summary(
+        &agg,
+        &loss,
+        source.decode_errors(),
+        filters.whole_namespaces(),
+    );
     for d in source.degraded() {
         eprintln!("twtrace: {d}");
     }
@@ -221,15 +232,18 @@ pub fn warn_new_loss(now: Loss, before: &Loss) -> Loss {
     now
 }
 
-pub fn summary(agg: &Aggregator<MonotonicClock>, loss: &Loss, decode_errors: u64) {
+/// The summary on stderr; `whole` when the filters let all of each namespace's traffic
+/// through, so the counts are checked against the kernel's.
+pub fn summary(agg: &Aggregator<MonotonicClock>, loss: &Loss, decode_errors: u64, whole: bool) {
     let t = agg.totals();
     eprintln!(
-        "twtrace: {} TIME_WAITs entered ({} found at start, {} starts recovered by the sweep), {} ended (expired {}, reused {}, recycled {}, reset {}, purged {}), {} still alive, {} whose end was never seen; closes without TIME_WAIT: overflow {}, abort {}, peer reset {}",
+        "twtrace: {} TIME_WAITs entered ({} found at start, {} starts recovered by the sweep), {} ended (expired {}, of which {} found gone by the end check; reused {}, recycled {}, reset {}, purged {}), {} still alive, {} whose end was never seen; closes without TIME_WAIT: overflow {}, abort {}, peer reset {}",
         t.entered,
         t.preexisting,
         t.recovered,
         t.ended,
         t.expired,
+        t.ends_recovered,
         t.reused,
         t.recycled,
         t.reset,
@@ -249,6 +263,15 @@ pub fn summary(agg: &Aggregator<MonotonicClock>, loss: &Loss, decode_errors: u64
         decode_errors,
         agg.ends_without_start()
     );
+    if whole {
+        for c in agg.kernel_checks() {
+            eprintln!("twtrace: {}", reconcile::describe(&c));
+        }
+    } else {
+        eprintln!(
+            "twtrace: kernel check: not made (the filters pass part of each namespace's traffic)"
+        );
+    }
     for a in advice::advise(&Evidence::of(agg, &agg.pressure())) {
         eprintln!("twtrace: advice: {}", a.text);
     }

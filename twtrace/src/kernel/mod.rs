@@ -2,6 +2,7 @@
 
 pub mod btf;
 pub mod capability;
+pub mod end_check;
 pub mod kallsyms;
 pub mod netns;
 pub mod privilege;

@@ -84,6 +84,9 @@ pub struct Model {
     /// Of the whole trace: starts recovered by the sweep, TIME_WAITs whose end was never seen.
     pub recovered: u64,
     pub end_lost: u64,
+    /// twtrace's counts against the kernel's for the namespace shown (all when none is
+    /// picked): None when not made, else whether they agree and what to say.
+    pub kernel_check: Option<(bool, String)>,
     pub connect_failed: u64,
     pub bind_failed: u64,
     pub procs: Vec<ProcRow>,
@@ -108,6 +111,8 @@ pub struct ViewState {
     pub netns: Option<u32>,
     pub paused: bool,
     pub help: bool,
+    /// The filters pass all of each namespace's traffic: counts answer to the kernel's.
+    pub whole_namespaces: bool,
     /// What the last refresh saw, for rates.
     pub prev: Previous,
 }
@@ -129,12 +134,36 @@ impl Default for ViewState {
             netns: None,
             paused: false,
             help: false,
+            whole_namespaces: false,
             prev: Previous::default(),
         }
     }
 }
 
 impl ViewState {
+    fn kernel_check<C: Clock>(&self, agg: &Aggregator<C>) -> Option<(bool, String)> {
+        if !self.whole_namespaces {
+            return None;
+        }
+        let checks: Vec<_> = agg
+            .kernel_checks()
+            .into_iter()
+            .filter(|c| self.netns.is_none_or(|n| n == c.netns))
+            .collect();
+        Some(match checks.iter().find(|c| !c.agrees()) {
+            Some(c) => (false, crate::reconcile::describe(c)),
+            None if checks.is_empty() => (true, "kernel check: no two readings yet".into()),
+            None => (
+                true,
+                format!(
+                    "kernel check: agrees ({} namespace{})",
+                    checks.len(),
+                    if checks.len() == 1 { "" } else { "s" }
+                ),
+            ),
+        })
+    }
+
     /// Tab: the other table, sorted by its default column.
     pub fn switch_table(&mut self) {
         (self.table, self.sort) = match self.table {
@@ -424,6 +453,7 @@ impl ViewState {
             bind_failed: binds,
             recovered: agg.totals().recovered,
             end_lost: agg.totals().overdue_dropped,
+            kernel_check: self.kernel_check(agg),
             totals: t,
             procs,
             dests,

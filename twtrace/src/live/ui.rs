@@ -87,6 +87,14 @@ fn header(m: &Model, v: &ViewState) -> Vec<Line<'static>> {
         ),
         loss_style,
     )]));
+    if let Some((agrees, text)) = &m.kernel_check {
+        let style = if *agrees {
+            Style::default().fg(Color::Green)
+        } else {
+            Style::default().fg(Color::White).bg(Color::Red)
+        };
+        lines.push(Line::from(Span::styled(text.clone(), style)));
+    }
     let r = &m.rates;
     lines.push(Line::from(vec![
         Span::styled(format!("TIME_WAIT alive {}", m.alive), bold),

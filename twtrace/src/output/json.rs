@@ -50,6 +50,9 @@ struct TimeWaitJson<'a> {
     preexisting: bool,
     /// Its start was recovered by the sweep (`entered` is an estimate).
     recovered: bool,
+    /// No kernel program reported its end: the end check found it gone once its timer was
+    /// due (`ended` is when it was due).
+    end_recovered: bool,
 }
 
 #[derive(Serialize)]
@@ -165,8 +168,11 @@ pub fn summary<C: crate::aggregate::Clock>(
     agg: &crate::aggregate::Aggregator<C>,
     loss: &crate::kernel::tracer::Loss,
     undecodable: u64,
+    whole_namespaces: bool,
 ) -> serde_json::Value {
     let pressure = agg.pressure();
+    // Only where all of each namespace's traffic was traced do the counts answer to its own.
+    let kernel_check = whole_namespaces.then(|| agg.kernel_checks());
     let advice = crate::advice::advise(&crate::advice::Evidence::of(agg, &pressure));
     let settings: std::collections::BTreeMap<String, _> = agg
         .settings()
@@ -184,6 +190,7 @@ pub fn summary<C: crate::aggregate::Clock>(
         "advice": advice,
         "loss": loss,
         "undecodable": undecodable,
+        "kernel_check": kernel_check,
     })
 }
 
@@ -234,6 +241,7 @@ pub fn line(rec: &Record, tb: &TimeBase, cgroups: &mut CgroupNames) -> String {
             rescheduled: r.tw.rescheduled,
             preexisting: r.tw.preexisting,
             recovered: r.tw.recovered,
+            end_recovered: r.end_recovered,
         }),
         Record::NoTimeWait(n) => serde_json::to_string(&NoTimeWaitJson {
             ty: "no_time_wait",
@@ -305,6 +313,7 @@ mod tests {
             ended_ns: 3_500_000_000,
             end: EndReason::Reused,
             reused_by: Some(who(43, "wget")),
+            end_recovered: false,
         });
         let tb = TimeBase::with_offset_ns(1_700_000_000_000_000_000);
         let v: serde_json::Value =

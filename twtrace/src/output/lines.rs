@@ -80,6 +80,9 @@ pub fn write_line(out: &mut String, rec: &Record, tb: &TimeBase) {
             if t.tw.recovered {
                 out.push_str(" (start recovered)");
             }
+            if t.end_recovered {
+                out.push_str(" (end recovered)");
+            }
             if t.tw.rescheduled > 0 {
                 let _ = write!(out, " resched={}", t.tw.rescheduled);
             }
@@ -154,6 +157,7 @@ mod tests {
             tw,
             end: EndReason::Expired,
             reused_by: None,
+            end_recovered: false,
         });
         let mut l = String::new();
         write_line(&mut l, &rec, &tb);

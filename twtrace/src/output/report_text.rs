@@ -147,6 +147,30 @@ pub fn report(r: &Report) -> String {
         r.ends_without_start,
         t.overdue_dropped
     );
+    let _ = writeln!(
+        o,
+        "{} TIME_WAIT ends found by the end check (gone once due; counted as expired)",
+        t.ends_recovered
+    );
+    match &r.kernel_checks {
+        None => {
+            let _ = writeln!(
+                o,
+                "Kernel check: not made (a filter passed part of each namespace's traffic)"
+            );
+        }
+        Some(checks) if checks.is_empty() => {
+            let _ = writeln!(
+                o,
+                "Kernel check: not made (fewer than two readings of the kernel's counters)"
+            );
+        }
+        Some(checks) => {
+            for c in checks {
+                let _ = writeln!(o, "{}", crate::reconcile::describe(c));
+            }
+        }
+    }
     o
 }
 
