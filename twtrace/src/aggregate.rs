@@ -330,7 +330,16 @@ pub struct Aggregator<C: Clock> {
     /// kernel counts TIME_WAITs once a reading told (see [`crate::reconcile`]).
     readings: FastMap<u32, NetnsReadings>,
     counting: Option<Counting>,
+    /// Each namespace's cookie by inode, and the inodes of namespaces gone: what is known
+    /// under an inode is forgotten when another namespace turns up under it.
+    netns_cookies: FastMap<u32, Option<u64>>,
+    netns_gone: std::collections::HashSet<u32>,
+    /// The kernel checks of namespaces gone, as they stood when they went (the last 64).
+    gone_checks: std::collections::VecDeque<NetnsCheck>,
 }
+
+/// Namespaces gone whose kernel check is kept.
+const MAX_GONE_CHECKS: usize = 64;
 
 /// A TIME_WAIT whose timer was due a while ago and whose end no event reported: the live
 /// source looks it up in the kernel (see `kernel::end_check`).
@@ -383,6 +392,9 @@ impl<C: Clock> Aggregator<C> {
             end_checks: FastMap::default(),
             readings: FastMap::default(),
             counting: None,
+            netns_cookies: FastMap::default(),
+            netns_gone: Default::default(),
+            gone_checks: Default::default(),
         }
     }
 
@@ -395,7 +407,8 @@ impl<C: Clock> Aggregator<C> {
         &self.stats
     }
 
-    /// twtrace's counts against the kernel's, per namespace with two readings or more.
+    /// twtrace's counts against the kernel's, per namespace with a reading: those alive, then
+    /// those gone (as they stood when they went).
     pub fn kernel_checks(&self) -> Vec<NetnsCheck> {
         let mut v: Vec<NetnsCheck> = self
             .readings
@@ -403,7 +416,22 @@ impl<C: Clock> Aggregator<C> {
             .filter_map(|(ns, r)| reconcile::check(*ns, r, self.counting))
             .collect();
         v.sort_by_key(|c| c.netns);
+        v.extend(self.gone_checks.iter().map(|c| NetnsCheck {
+            gone: true,
+            ..c.clone()
+        }));
         v
+    }
+
+    /// What is known of the namespace under inode `netns`, for another namespace to start
+    /// afresh under it; TIME_WAITs alive there are the kernel's to end (a purge).
+    fn forget_netns(&mut self, netns: u32) {
+        self.settings.remove(&netns);
+        self.readings.remove(&netns);
+        self.kernel_counters.remove(&netns);
+        self.live.remove(&netns);
+        self.passive_closes.remove(&netns);
+        self.by_netns.remove(&netns);
     }
 
     pub fn kernel_counters(&self) -> &HashMap<u32, std::collections::BTreeMap<String, u64>> {
@@ -643,6 +671,28 @@ impl<C: Clock> Aggregator<C> {
                     self.counting = self.counting.or_else(|| r.counting());
                 }
                 self.kernel_counters.insert(netns, counters);
+            }
+            Event::Netns { netns, cookie, .. } => {
+                let known = self.netns_cookies.insert(netns, cookie);
+                let changed = matches!((known, cookie), (Some(Some(a)), Some(b)) if a != b);
+                if self.netns_gone.remove(&netns) || changed {
+                    self.forget_netns(netns);
+                }
+            }
+            Event::NetnsGone { netns, .. } => {
+                if let Some(c) = self
+                    .readings
+                    .get(&netns)
+                    .and_then(|r| reconcile::check(netns, r, self.counting))
+                {
+                    if self.gone_checks.len() == MAX_GONE_CHECKS {
+                        self.gone_checks.pop_front();
+                    }
+                    self.gone_checks.push_back(c);
+                }
+                // Its settings and counts stay its own until another namespace takes the inode.
+                self.readings.remove(&netns);
+                self.netns_gone.insert(netns);
             }
             Event::Cgroup { id, path, .. } => {
                 self.cgroup_paths.insert(id, path);
@@ -1470,6 +1520,85 @@ pub(crate) mod tests {
         asked.extend(a.ends_due(3).into_iter().map(|c| c.key));
         asked.sort();
         assert_eq!(asked, (1..=5).map(TwKey::Cookie).collect::<Vec<_>>());
+    }
+
+    fn netns_seen(netns: u32, cookie: Option<u64>) -> Event {
+        Event::Netns {
+            ts_ns: 0,
+            netns,
+            cookie,
+        }
+    }
+
+    fn settings_reuse(netns: u32, tcp_tw_reuse: i64) -> Event {
+        Event::Settings {
+            ts_ns: 0,
+            netns,
+            settings: NetnsSettings {
+                tcp_tw_reuse,
+                ..NetnsSettings::default()
+            },
+        }
+    }
+
+    fn tcp_ext(netns: u32, tw: u64) -> Event {
+        Event::KernelCounters {
+            ts_ns: 0,
+            netns,
+            counters: [
+                ("TW", tw),
+                ("TWKilled", 0),
+                ("TWRecycled", 0),
+                ("TCPTimeWaitOverflow", 0),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn a_namespace_under_a_reused_inode_does_not_inherit_the_old_ones_settings() {
+        let (mut a, _) = agg();
+        let mut out = vec![];
+        a.ingest(netns_seen(1, Some(10)), &mut out);
+        a.ingest(settings_reuse(1, 2), &mut out);
+        // The same namespace read again: kept.
+        a.ingest(netns_seen(1, Some(10)), &mut out);
+        assert_eq!(a.settings()[&1].tcp_tw_reuse, 2);
+        // Another cookie under the inode: another namespace.
+        a.ingest(netns_seen(1, Some(11)), &mut out);
+        assert!(!a.settings().contains_key(&1));
+        // Where the kernel has no cookies (before 5.14): gone, then seen again.
+        a.ingest(settings_reuse(1, 2), &mut out);
+        a.ingest(Event::NetnsGone { ts_ns: 0, netns: 1 }, &mut out);
+        // A namespace gone keeps its own settings for the views.
+        assert_eq!(a.settings()[&1].tcp_tw_reuse, 2);
+        a.ingest(netns_seen(1, None), &mut out);
+        assert!(!a.settings().contains_key(&1));
+    }
+
+    #[test]
+    fn a_namespace_gone_keeps_its_kernel_check_as_it_stood() {
+        let (mut a, _) = agg();
+        let mut out = vec![];
+        a.ingest(tcp_ext(1, 5), &mut out);
+        a.ingest(enter(TwKey::Cookie(1), S, Substate::TimeWait), &mut out);
+        a.ingest(tcp_ext(1, 6), &mut out);
+        a.ingest(Event::NetnsGone { ts_ns: 0, netns: 1 }, &mut out);
+        let checks = a.kernel_checks();
+        assert_eq!(checks.len(), 1);
+        assert!(checks[0].gone && checks[0].agrees(), "{checks:?}");
+        assert_eq!(
+            (checks[0].checks[0].kernel, checks[0].checks[0].twtrace),
+            (1, 1)
+        );
+        // A new namespace under the inode starts its own check.
+        a.ingest(netns_seen(1, None), &mut out);
+        a.ingest(tcp_ext(1, 100), &mut out);
+        let checks = a.kernel_checks();
+        assert_eq!(checks.len(), 2);
+        assert!(!checks[0].gone && checks[0].checks[0].kernel == 0);
     }
 
     #[test]

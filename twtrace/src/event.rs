@@ -405,6 +405,19 @@ pub enum Event {
         netns: u32,
         counters: std::collections::BTreeMap<String, u64>,
     },
+    /// The namespace at inode `netns`, as of `ts_ns`, with its cookie where the kernel gives
+    /// one (5.14): an inode is reused once a namespace is gone, and a new cookie under a known
+    /// inode means what was known under it belonged to another namespace.
+    Netns {
+        ts_ns: u64,
+        netns: u32,
+        cookie: Option<u64>,
+    },
+    /// A namespace no longer found (deleted): its settings no longer hold.
+    NetnsGone {
+        ts_ns: u64,
+        netns: u32,
+    },
     /// The path of a cgroup id, recorded the first time the id appears, so a report on
     /// another host can name containers.
     Cgroup {
@@ -461,6 +474,8 @@ impl Event {
             | Event::Settings { ts_ns, .. }
             | Event::LiveConnections { ts_ns, .. }
             | Event::KernelCounters { ts_ns, .. }
+            | Event::Netns { ts_ns, .. }
+            | Event::NetnsGone { ts_ns, .. }
             | Event::Cgroup { ts_ns, .. }
             | Event::Snapshot { ts_ns, .. } => *ts_ns,
         }

@@ -135,7 +135,9 @@ impl EventFilter {
             }
             Event::Settings { netns, .. }
             | Event::LiveConnections { netns, .. }
-            | Event::KernelCounters { netns, .. } => f.netns.is_none_or(|n| n == *netns),
+            | Event::KernelCounters { netns, .. }
+            | Event::Netns { netns, .. }
+            | Event::NetnsGone { netns, .. } => f.netns.is_none_or(|n| n == *netns),
             Event::Snapshot { .. } | Event::Cgroup { .. } => true,
         }
     }

@@ -113,6 +113,8 @@ pub struct Check {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NetnsCheck {
     pub netns: u32,
+    /// The namespace is gone: its check as it stood then.
+    pub gone: bool,
     /// How the kernel counts TIME_WAITs, once some reading told.
     pub counting: Option<Counting>,
     pub checks: Vec<Check>,
@@ -141,6 +143,7 @@ pub fn check(netns: u32, r: &NetnsReadings, counting: Option<Counting>) -> Optio
     };
     Some(NetnsCheck {
         netns,
+        gone: false,
         counting,
         checks: vec![
             Check {
@@ -167,7 +170,11 @@ pub fn check(netns: u32, r: &NetnsReadings, counting: Option<Counting>) -> Optio
 
 /// One line per namespace for a text view: `agrees` or what differs.
 pub fn describe(c: &NetnsCheck) -> String {
-    let mut s = format!("kernel check, netns {}: ", c.netns);
+    let mut s = format!(
+        "kernel check, netns {}{}: ",
+        c.netns,
+        if c.gone { " (gone)" } else { "" }
+    );
     let parts: Vec<String> = c
         .checks
         .iter()

@@ -29,6 +29,9 @@ pub struct LiveSource {
     polled: tokio::sync::mpsc::Receiver<Vec<Event>>,
     /// TIME_WAITs due with no end seen, for the sweep's end check.
     end_checks: tokio::sync::mpsc::Sender<Vec<EndCheck>>,
+    /// Namespaces events came from; one not seen before has the poller read it at once.
+    namespaces: std::collections::HashSet<u32>,
+    read_namespaces: std::sync::Arc<tokio::sync::Notify>,
     _pollers: [tokio::task::JoinHandle<()>; 2],
     filters: Filters,
     decode_errors: u64,
@@ -73,9 +76,14 @@ impl LiveSource {
         snapshot_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (tx, polled) = tokio::sync::mpsc::channel(4);
         let (end_checks, checks) = tokio::sync::mpsc::channel(4);
+        let read_namespaces = std::sync::Arc::new(tokio::sync::Notify::new());
         let sweeper = Sweeper::new(tracer.take_closing()?, crate::kernel::hz(), filters.clone());
         let pollers = [
-            tokio::spawn(poll_port_state(filters.netns, tx.clone())),
+            tokio::spawn(poll_port_state(
+                filters.netns,
+                read_namespaces.clone(),
+                tx.clone(),
+            )),
             tokio::spawn(sweep(sweeper, checks, tx)),
         ];
         Ok(Self {
@@ -86,6 +94,8 @@ impl LiveSource {
             snapshot_timer,
             polled,
             end_checks,
+            namespaces: Default::default(),
+            read_namespaces,
             _pollers: pollers,
             filters: filters.clone(),
             decode_errors: 0,
@@ -95,6 +105,23 @@ impl LiveSource {
     /// Waits until the kernel wakes us (a batch is waiting), the drain timer fires, or the
     /// start-up scan is done, then appends every available event to `out`.
     pub async fn read(&mut self, out: &mut Vec<Event>) -> io::Result<()> {
+        let from = out.len();
+        self.read_events(out).await?;
+        // A namespace's settings are read when it is first seen, not up to 5 s later: one
+        // that lives less than that would otherwise have none (or another's, by inode).
+        let mut new = false;
+        for e in &out[from..] {
+            if let Some(ns) = conn_netns(e) {
+                new |= self.namespaces.insert(ns);
+            }
+        }
+        if new {
+            self.read_namespaces.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn read_events(&mut self, out: &mut Vec<Event>) -> io::Result<()> {
         let scan_done = async {
             match self.scan.as_mut() {
                 Some(h) => Some(h.await),
@@ -210,33 +237,60 @@ pub const SNAPSHOT_EVERY: std::time::Duration = std::time::Duration::from_secs(1
 /// How often each namespace's settings and live connections are read.
 pub const PORT_STATE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Reads every traced namespace's settings and live connections, now and every
-/// [`PORT_STATE_EVERY`], for port pressure and advice.
-async fn poll_port_state(only: Option<u32>, tx: tokio::sync::mpsc::Sender<Vec<Event>>) {
+/// The namespace a connection event comes from.
+fn conn_netns(e: &Event) -> Option<u32> {
+    match e {
+        Event::TwEnter(t) => Some(t.conn.netns),
+        Event::NoTimeWait(n) => Some(n.conn.netns),
+        Event::PortFailure(f) => Some(f.conn.netns),
+        _ => None,
+    }
+}
+
+/// Reads every traced namespace's cookie, settings and live connections, now, every
+/// [`PORT_STATE_EVERY`] and when `wake` says a new one was seen, for port pressure, advice and
+/// the kernel check; a namespace no longer listed is reported gone.
+async fn poll_port_state(
+    only: Option<u32>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    tx: tokio::sync::mpsc::Sender<Vec<Event>>,
+) {
     let mut every = tokio::time::interval(PORT_STATE_EVERY);
+    let mut listed = std::collections::BTreeSet::new();
     loop {
-        every.tick().await;
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = wake.notified() => {}
+        }
+        let before = std::mem::take(&mut listed);
         let scanned = tokio::task::spawn_blocking(move || {
             let ts_ns = crate::aggregate::Clock::now_ns(&crate::aggregate::MonotonicClock);
-            netns::joinable()
+            let found: Vec<netns::Netns> = netns::joinable()
                 .into_iter()
                 .filter(|n| only.is_none_or(|o| o == n.inode))
-                .filter_map(
-                    |n| match sock_diag::port_state_in(&n.path, n.inode, ts_ns) {
-                        Ok(ev) => Some(ev),
-                        Err(e) => {
-                            // A namespace can vanish between listing and reading it.
-                            log::debug!("netns {}: {e}", n.inode);
-                            None
-                        }
-                    },
-                )
-                .flatten()
-                .collect::<Vec<Event>>()
+                .collect();
+            let now: std::collections::BTreeSet<u32> = found.iter().map(|n| n.inode).collect();
+            let gone = before
+                .difference(&now)
+                .map(|&netns| Event::NetnsGone { ts_ns, netns });
+            let mut events: Vec<Event> = gone.collect();
+            let read = found.into_iter().filter_map(|n| {
+                match sock_diag::port_state_in(&n.path, n.inode, ts_ns) {
+                    Ok(ev) => Some(ev),
+                    Err(e) => {
+                        // A namespace can vanish between listing and reading it.
+                        log::debug!("netns {}: {e}", n.inode);
+                        None
+                    }
+                }
+            });
+            events.extend(read.flatten());
+            (events, now)
         })
         .await;
         match scanned {
-            Ok(events) => {
+            Ok((events, now)) => {
+                listed = now;
                 if tx.send(events).await.is_err() {
                     return;
                 }

@@ -1,7 +1,7 @@
 //! A network namespace's TIME_WAIT-related sysctls. Read on a thread that has joined that
 //! namespace (`netns::run_in`): /proc/sys/net shows the caller's namespace.
 
-use std::{fs, io};
+use std::{fs, io, os::fd::FromRawFd as _};
 
 use crate::event::NetnsSettings;
 
@@ -38,6 +38,34 @@ pub fn time_wait_counters() -> io::Result<std::collections::BTreeMap<String, u64
     Ok(parse_tcp_ext(&fs::read_to_string(
         "/proc/thread-self/net/netstat",
     )?))
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14): a namespace's cookie, unique for the boot where an inode
+/// number is reused once the namespace is gone.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The calling thread's namespace's cookie; None where the kernel has none (before 5.14).
+pub fn netns_cookie() -> Option<u64> {
+    // SAFETY: a plain socket(2); the fd is owned from here on and closed on drop.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the buffer is a u64 and `len` says its size.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && len as usize == std::mem::size_of::<u64>()).then_some(cookie)
 }
 
 const COUNTERS: [&str; 4] = ["TW", "TWKilled", "TWRecycled", "TCPTimeWaitOverflow"];

@@ -108,14 +108,20 @@ pub fn snapshot(only: Option<u32>) -> Vec<TwExisting> {
         .collect()
 }
 
-/// Reads a namespace's settings and kernel TIME_WAIT counters, and counts its live
-/// connections on ephemeral local ports per destination, as three events.
-pub fn port_state_in(path: &Path, netns: u32, ts_ns: u64) -> io::Result<[Event; 3]> {
+/// Reads a namespace's cookie, settings and kernel TIME_WAIT counters, and counts its live
+/// connections on ephemeral local ports per destination, as four events.
+pub fn port_state_in(path: &Path, netns: u32, ts_ns: u64) -> io::Result<[Event; 4]> {
     netns::run_in(path, move || {
+        let cookie = settings::netns_cookie();
         let s = settings::read()?;
         let counts = live_counts(&s, netns)?;
         let counters = settings::time_wait_counters()?;
         Ok([
+            Event::Netns {
+                ts_ns,
+                netns,
+                cookie,
+            },
             Event::KernelCounters {
                 ts_ns,
                 netns,
