@@ -16,7 +16,9 @@ use std::{
 
 use serde_json::Value;
 
-/// Root integration tests need root, iproute2 and BTF; without them they say why and pass.
+/// Root integration tests need root, iproute2 and BTF; without them they say why and pass,
+/// except where `TWTRACE_TESTS_REQUIRED` is set (`cargo xtask test`, CI): there a test that
+/// cannot run fails.
 pub fn can_run() -> bool {
     let root = unsafe { libc::geteuid() } == 0;
     let ip = Command::new("ip")
@@ -25,7 +27,12 @@ pub fn can_run() -> bool {
         .is_ok_and(|o| o.status.success());
     let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
     if !(root && ip && btf) {
-        eprintln!("skipped: needs root ({root}), iproute2 ({ip}) and kernel BTF ({btf})");
+        let why = format!("needs root ({root}), iproute2 ({ip}) and kernel BTF ({btf})");
+        assert!(
+            std::env::var_os("TWTRACE_TESTS_REQUIRED").is_none(),
+            "cannot run: {why}"
+        );
+        eprintln!("skipped: {why}");
     }
     root && ip && btf
 }
@@ -300,6 +307,14 @@ impl Trace {
     }
 }
 
+/// A test that fails midway leaves no tracer attached.
+impl Drop for Trace {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Records of one type whose local or remote port is `port`.
 pub fn with_port<'a>(recs: &'a [Value], ty: &str, port: u64) -> Vec<&'a Value> {
     recs.iter()
@@ -426,6 +441,14 @@ impl Recording {
     pub fn kill(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+}
+
+/// A test that fails midway leaves no recorder attached.
+impl Drop for Recording {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

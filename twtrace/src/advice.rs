@@ -274,6 +274,7 @@ mod tests {
             entered_per_s: 5.0,
             ended_per_s: 1.0,
             exhaustion_s: Some(10.0),
+            reusable: false,
         }
     }
 

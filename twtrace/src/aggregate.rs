@@ -10,7 +10,9 @@ use serde::Serialize;
 use crate::{
     FastMap,
     alive::AliveSet,
-    reconcile::{self, Counting, KernelCounts, NetnsCheck, NetnsReadings, OurCounts},
+    reconcile::{
+        self, Counted, Counting, KernelCounts, NetnsCheck, NetnsReadings, OurCounts, Recent,
+    },
     stats::{ProcKey, Stats},
 };
 
@@ -159,8 +161,10 @@ pub struct Pressure {
     pub entered_per_s: f64,
     pub ended_per_s: f64,
     /// At the current net growth, seconds until every usable port is held; `None` when not
-    /// growing.
+    /// growing, or when connect() may reuse the TIME_WAITs (then they never run it out).
     pub exhaustion_s: Option<f64>,
+    /// connect() may reuse these TIME_WAITs (tcp_tw_reuse applies towards it).
+    pub reusable: bool,
 }
 
 /// Seconds over which per-destination rates are averaged.
@@ -249,6 +253,8 @@ pub struct Totals {
     pub unmatched_ends: u64,
     /// Of `entered`: starts no kernel program saw, found afterwards by the sweep.
     pub recovered: u64,
+    /// Of `peer_reset`: resets from a peer on this host, whose own close is counted too.
+    pub peer_reset_local: u64,
     /// Of `ended`: ends no kernel program reported, found by the end check once the timer
     /// was due (the TIME_WAIT was gone).
     pub ends_recovered: u64,
@@ -329,6 +335,7 @@ pub struct Aggregator<C: Clock> {
     /// Each namespace's kernel counters with twtrace's counts beside them, and when the
     /// kernel counts TIME_WAITs once a reading told (see [`crate::reconcile`]).
     readings: FastMap<u32, NetnsReadings>,
+    recent: FastMap<u32, Recent>,
     counting: Option<Counting>,
     /// Each namespace's cookie by inode, and the inodes of namespaces gone: what is known
     /// under an inode is forgotten when another namespace turns up under it.
@@ -391,6 +398,7 @@ impl<C: Clock> Aggregator<C> {
             cgroup_paths: HashMap::new(),
             end_checks: FastMap::default(),
             readings: FastMap::default(),
+            recent: FastMap::default(),
             counting: None,
             netns_cookies: FastMap::default(),
             netns_gone: Default::default(),
@@ -423,6 +431,11 @@ impl<C: Clock> Aggregator<C> {
         v
     }
 
+    /// Notes a counted event for the kernel check of its namespace.
+    fn counted(&mut self, netns: u32, ts_ns: u64, what: Counted) {
+        self.recent.entry(netns).or_default().push(ts_ns, what);
+    }
+
     /// What is known of the namespace under inode `netns`, for another namespace to start
     /// afresh under it; TIME_WAITs alive there are the kernel's to end (a purge).
     fn forget_netns(&mut self, netns: u32) {
@@ -432,6 +445,7 @@ impl<C: Clock> Aggregator<C> {
         self.live.remove(&netns);
         self.passive_closes.remove(&netns);
         self.by_netns.remove(&netns);
+        self.recent.remove(&netns);
     }
 
     pub fn kernel_counters(&self) -> &HashMap<u32, std::collections::BTreeMap<String, u64>> {
@@ -439,12 +453,17 @@ impl<C: Clock> Aggregator<C> {
     }
 
     /// Connections this host closed: actively (TIME_WAITs entered and closes that skipped
-    /// TIME_WAIT) and passively (LAST_ACK->CLOSE).
+    /// TIME_WAIT) and passively (LAST_ACK->CLOSE, counted by the kernel programs only where
+    /// the peer is not on this host). A connection with both ends here counts once: by the
+    /// end that closed first, or that sent the reset.
     pub fn connections_closed(&self) -> u64 {
         self.totals.entered
             + self.totals.overflow
             + self.totals.abort
-            + self.totals.peer_reset
+            + self
+                .totals
+                .peer_reset
+                .saturating_sub(self.totals.peer_reset_local)
             + self.passive_closes.values().sum::<u64>()
     }
 
@@ -494,7 +513,9 @@ impl<C: Clock> Aggregator<C> {
         let mut out: Vec<Pressure> = held
             .into_iter()
             .filter_map(|(dest, (time_wait, live))| {
-                let usable = self.settings.get(&dest.netns)?.usable_ports();
+                let s = self.settings.get(&dest.netns)?;
+                let usable = s.usable_ports();
+                let reusable = s.reuse_applies(dest.raddr);
                 let (entered_per_s, ended_per_s) = self
                     .rates
                     .get(&dest)
@@ -515,8 +536,9 @@ impl<C: Clock> Aggregator<C> {
                     },
                     entered_per_s,
                     ended_per_s,
-                    exhaustion_s: (growth > 0.0)
+                    exhaustion_s: (growth > 0.0 && !reusable)
                         .then(|| f64::from(usable.saturating_sub(held)) / growth),
+                    reusable,
                 })
             })
             .collect();
@@ -532,6 +554,19 @@ impl<C: Clock> Aggregator<C> {
         if tw.role == Role::Server {
             return;
         }
+        self.track_held(tw, entered);
+        self.rates
+            .entry(Dest::of(&tw.conn))
+            .or_default()
+            .add(ts_ns, entered);
+    }
+
+    /// Counts a TIME_WAIT towards what holds its destination's ports, not towards the rate
+    /// of TIME_WAITs entering: one found at start is not new.
+    fn track_held(&mut self, tw: &AliveTw, entered: bool) {
+        if tw.role == Role::Server {
+            return;
+        }
         let remote = (tw.conn.netns, tw.conn.raddr, tw.conn.rport);
         if entered {
             *self.by_remote.entry(remote).or_default() += 1;
@@ -541,10 +576,6 @@ impl<C: Clock> Aggregator<C> {
                 self.by_remote.remove(&remote);
             }
         }
-        self.rates
-            .entry(Dest::of(&tw.conn))
-            .or_default()
-            .add(ts_ns, entered);
     }
 
     fn port_failure(&mut self, f: PortFailure, out: &mut Vec<Record>) {
@@ -634,11 +665,17 @@ impl<C: Clock> Aggregator<C> {
             Event::TwEnd(e) => self.end(e, out),
             Event::NoTimeWait(n) => {
                 self.totals.count_no_tw(n.reason);
+                if n.reason == NoTwReason::PeerReset && n.conn.peer_is_local() {
+                    self.totals.peer_reset_local += 1;
+                }
                 self.by_netns
                     .entry(n.conn.netns)
                     .or_default()
                     .0
                     .count_no_tw(n.reason);
+                if n.reason == NoTwReason::Overflow {
+                    self.counted(n.conn.netns, n.ts_ns, Counted::Overflow);
+                }
                 if n.reason == NoTwReason::Abort
                     && let Some(p) = &n.closer
                 {
@@ -656,16 +693,22 @@ impl<C: Clock> Aggregator<C> {
                 self.live.insert(netns, counts);
             }
             Event::KernelCounters {
-                netns, counters, ..
+                netns,
+                counters,
+                ts_ns,
             } => {
                 if let Some(k) = KernelCounts::from_tcp_ext(&counters) {
                     let ns = self.by_netns.get(&netns).map(|n| &n.0);
-                    let ours = ns.map_or_else(OurCounts::default, |t| OurCounts {
+                    let now = ns.map_or_else(OurCounts::default, |t| OurCounts {
                         entered: t.entered,
                         expired: t.expired,
                         reused: t.reused,
                         overflow: t.overflow,
                     });
+                    let ours = match self.recent.get(&netns) {
+                        Some(r) => r.as_of(now, ts_ns),
+                        None => now,
+                    };
                     let r = self.readings.entry(netns).or_default();
                     r.push(k, ours);
                     self.counting = self.counting.or_else(|| r.counting());
@@ -763,6 +806,7 @@ impl<C: Clock> Aggregator<C> {
             recovered: e.recovered.is_some(),
         };
         self.totals.entered += 1;
+        self.counted(tw.conn.netns, e.ts_ns, Counted::Entered);
         let ns = &mut self.by_netns.entry(tw.conn.netns).or_default().0;
         ns.entered += 1;
         match tw.role {
@@ -834,6 +878,11 @@ impl<C: Clock> Aggregator<C> {
             return;
         };
         self.end_checks.remove(&key);
+        match e.end {
+            EndReason::Expired => self.counted(tw.conn.netns, e.ts_ns, Counted::Expired),
+            EndReason::Reused => self.counted(tw.conn.netns, e.ts_ns, Counted::Reused),
+            _ => {}
+        }
         self.totals.count_end(e.end);
         let ns = &mut self.by_netns.entry(tw.conn.netns).or_default().0;
         ns.count_end(e.end);
@@ -894,7 +943,7 @@ impl<C: Clock> Aggregator<C> {
             recovered: false,
         };
         self.totals.preexisting += 1;
-        self.track(&tw, ts_ns, true);
+        self.track_held(&tw, true);
         self.alive.insert(tw);
         if let Some((end, _)) = self.early_ends.remove(&key) {
             self.end(end, out);
@@ -954,6 +1003,9 @@ impl<C: Clock> Aggregator<C> {
                 .or_default()
                 .0
                 .overdue_dropped += 1;
+        }
+        for r in self.recent.values_mut() {
+            r.trim(now);
         }
         let by_remote = &self.by_remote;
         self.rates.retain(|d, r| {
@@ -1541,9 +1593,9 @@ pub(crate) mod tests {
         }
     }
 
-    fn tcp_ext(netns: u32, tw: u64) -> Event {
+    fn tcp_ext(netns: u32, ts_ns: u64, tw: u64) -> Event {
         Event::KernelCounters {
-            ts_ns: 0,
+            ts_ns,
             netns,
             counters: [
                 ("TW", tw),
@@ -1582,23 +1634,123 @@ pub(crate) mod tests {
     fn a_namespace_gone_keeps_its_kernel_check_as_it_stood() {
         let (mut a, _) = agg();
         let mut out = vec![];
-        a.ingest(tcp_ext(1, 5), &mut out);
+        a.ingest(tcp_ext(1, 0, 5), &mut out);
         a.ingest(enter(TwKey::Cookie(1), S, Substate::TimeWait), &mut out);
-        a.ingest(tcp_ext(1, 6), &mut out);
+        a.ingest(tcp_ext(1, 2 * S, 6), &mut out);
         a.ingest(Event::NetnsGone { ts_ns: 0, netns: 1 }, &mut out);
         let checks = a.kernel_checks();
         assert_eq!(checks.len(), 1);
         assert!(checks[0].gone && checks[0].agrees(), "{checks:?}");
+        // A reading read before a start that is already in does not count it.
+        let (mut b, _) = agg();
+        b.ingest(tcp_ext(2, 0, 5), &mut out);
+        let mut late = enter(TwKey::Cookie(9), 3 * S, Substate::TimeWait);
+        if let Event::TwEnter(t) = &mut late {
+            t.conn.netns = 2;
+        }
+        b.ingest(late, &mut out);
+        b.ingest(tcp_ext(2, 2 * S, 5), &mut out);
+        assert!(b.kernel_checks()[0].agrees(), "{:?}", b.kernel_checks());
         assert_eq!(
             (checks[0].checks[0].kernel, checks[0].checks[0].twtrace),
             (1, 1)
         );
         // A new namespace under the inode starts its own check.
         a.ingest(netns_seen(1, None), &mut out);
-        a.ingest(tcp_ext(1, 100), &mut out);
+        a.ingest(tcp_ext(1, 3 * S, 100), &mut out);
         let checks = a.kernel_checks();
         assert_eq!(checks.len(), 2);
         assert!(!checks[0].gone && checks[0].checks[0].kernel == 0);
+    }
+
+    #[test]
+    fn pressure_counts_time_waits_found_at_start_as_held_not_as_entering() {
+        let (mut a, clock) = agg();
+        let mut out = vec![];
+        let mut s = NetnsSettings {
+            port_range: (40000, 40099),
+            tcp_timestamps: 1,
+            ..NetnsSettings::default()
+        };
+        a.ingest(
+            Event::Settings {
+                ts_ns: 0,
+                netns: 1,
+                settings: s.clone(),
+            },
+            &mut out,
+        );
+        clock.set(10 * S);
+        a.ingest(
+            Event::TwExisting {
+                ts_ns: 10 * S,
+                sockets: (0..5)
+                    .map(|i| TwExisting {
+                        conn: conn(40050 + i as u16),
+                        ..existing(100 + i, 30_000)
+                    })
+                    .collect(),
+                more: false,
+            },
+            &mut out,
+        );
+        let p = &a.pressure()[0];
+        assert_eq!(
+            (p.time_wait, p.entered_per_s, p.exhaustion_s),
+            (5, 0.0, None)
+        );
+        // Two new ones within the window: 0.2/s, and the other 93 ports run out at that rate.
+        for k in 1..=2 {
+            a.ingest(
+                enter(TwKey::Cookie(k), 10 * S, Substate::TimeWait),
+                &mut out,
+            );
+        }
+        let p = &a.pressure()[0];
+        assert_eq!((p.time_wait, p.entered_per_s), (7, 0.2));
+        assert_eq!(p.exhaustion_s, Some(93.0 / 0.2));
+        // Where connect() may reuse them, TIME_WAITs never run the ports out.
+        s.tcp_tw_reuse = 1;
+        a.ingest(
+            Event::Settings {
+                ts_ns: 10 * S,
+                netns: 1,
+                settings: s,
+            },
+            &mut out,
+        );
+        let p = &a.pressure()[0];
+        assert!(p.reusable);
+        assert_eq!(p.exhaustion_s, None);
+    }
+
+    #[test]
+    fn a_connection_with_both_ends_here_is_closed_once() {
+        let (mut a, _) = agg();
+        let mut out = vec![];
+        let no_tw = |reason, raddr: [u8; 4]| {
+            let mut c = conn(40000);
+            c.raddr = IpAddr::from(raddr);
+            Event::NoTimeWait(NoTimeWait {
+                ts_ns: S,
+                cpu: 0,
+                cookie: 1,
+                conn: c,
+                closer: None,
+                role: Role::Client,
+                close: CloseKind::Unknown,
+                reason,
+                oldstate: 1,
+            })
+        };
+        // SO_LINGER 0 on loopback: the abort, and the reset its peer gets, here too.
+        a.ingest(no_tw(NoTwReason::Abort, [127, 0, 0, 1]), &mut out);
+        a.ingest(no_tw(NoTwReason::PeerReset, [127, 0, 0, 1]), &mut out);
+        assert_eq!(a.connections_closed(), 1);
+        // A reset from another host: a connection of its own.
+        a.ingest(no_tw(NoTwReason::PeerReset, [10, 0, 0, 9]), &mut out);
+        assert_eq!(a.connections_closed(), 2);
+        assert_eq!(a.totals().peer_reset, 2);
     }
 
     #[test]

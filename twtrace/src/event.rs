@@ -174,6 +174,12 @@ impl Endpoints {
             _ => self.family,
         }
     }
+
+    /// Whether the peer is on this host, in this namespace (loopback, or this socket's own
+    /// address): the other end of the connection is traced here too.
+    pub fn peer_is_local(&self) -> bool {
+        self.raddr.to_canonical().is_loopback() || self.raddr == self.laddr
+    }
 }
 
 /// How the aggregator knows one TIME_WAIT socket across events.
@@ -321,6 +327,17 @@ pub struct NetnsSettings {
 }
 
 impl NetnsSettings {
+    /// Whether connect() may take over a TIME_WAIT towards `raddr` (tcp_tw_reuse, which needs
+    /// timestamps): such TIME_WAITs hold ports that new connections can still get.
+    pub fn reuse_applies(&self, raddr: std::net::IpAddr) -> bool {
+        self.tcp_timestamps != 0
+            && match self.tcp_tw_reuse {
+                1 => true,
+                2 => raddr.to_canonical().is_loopback(),
+                _ => false,
+            }
+    }
+
     pub fn in_ephemeral_range(&self, port: u16) -> bool {
         (self.port_range.0..=self.port_range.1).contains(&port)
             && !self

@@ -428,7 +428,7 @@ impl Exporter {
     }
 
     /// Each namespace's kernel counters against twtrace's counts, changes since twtrace
-    /// first read them: `twtrace_kernel_counter_change` and the count twtrace has for it.
+    /// first read them: `twtrace_kernel_tcpext_change` and the count twtrace has for it.
     fn kernel_checks<C: Clock>(&mut self, o: &mut String, agg: &Aggregator<C>) {
         let checks: Vec<_> = agg
             .kernel_checks()
@@ -450,14 +450,14 @@ impl Exporter {
         };
         let _ = writeln!(
             o,
-            "# HELP twtrace_kernel_counter_change The namespace's own TcpExt counter (TW+TWKilled, TWRecycled, TCPTimeWaitOverflow), change since twtrace first read it.\n# TYPE twtrace_kernel_counter_change gauge"
+            "# HELP twtrace_kernel_tcpext_change The namespace's own TcpExt counter (TW+TWKilled, TWRecycled, TCPTimeWaitOverflow), change since twtrace first read it.\n# TYPE twtrace_kernel_tcpext_change gauge"
         );
-        rows(o, "twtrace_kernel_counter_change", |x| x.kernel);
+        rows(o, "twtrace_kernel_tcpext_change", |x| x.kernel);
         let _ = writeln!(
             o,
-            "# HELP twtrace_kernel_counter_twtrace What twtrace counted over the same span for the same counter (TIME_WAITs entered, or expired where the kernel counts at expiry; reused; overflows).\n# TYPE twtrace_kernel_counter_twtrace gauge"
+            "# HELP twtrace_kernel_tcpext_twtrace What twtrace counted over the same span for the same counter (TIME_WAITs entered, or expired where the kernel counts at expiry; reused; overflows).\n# TYPE twtrace_kernel_tcpext_twtrace gauge"
         );
-        rows(o, "twtrace_kernel_counter_twtrace", |x| x.twtrace);
+        rows(o, "twtrace_kernel_tcpext_twtrace", |x| x.twtrace);
         let _ = writeln!(
             o,
             "# HELP twtrace_kernel_check_agrees 1 when twtrace's count equals the kernel's counter over the same span.\n# TYPE twtrace_kernel_check_agrees gauge"
@@ -507,11 +507,11 @@ mod tests {
         agg.ingest(counters(1, 5, 103), &mut out);
         let text = x.render(&agg, true);
         assert!(
-            text.contains("twtrace_kernel_counter_change{netns=\"1\",counter=\"TW+TWKilled\"} 3"),
+            text.contains("twtrace_kernel_tcpext_change{netns=\"1\",counter=\"TW+TWKilled\"} 3"),
             "{text}"
         );
         assert!(
-            text.contains("twtrace_kernel_counter_twtrace{netns=\"1\",counter=\"TW+TWKilled\"} 2")
+            text.contains("twtrace_kernel_tcpext_twtrace{netns=\"1\",counter=\"TW+TWKilled\"} 2")
         );
         assert!(
             text.contains("twtrace_kernel_check_agrees{netns=\"1\",counter=\"TW+TWKilled\"} 0")

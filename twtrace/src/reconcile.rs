@@ -2,8 +2,9 @@
 //!
 //! Each namespace's TcpExt counters are read inside it every few seconds
 //! (`Event::KernelCounters`). When a reading is ingested, twtrace's own counts for that
-//! namespace are taken beside it, so the two are compared at the same moment whatever the
-//! reading's age. What is compared is the change since the namespace's first reading:
+//! namespace as of the reading's time are taken beside it: the counts now, less the events
+//! already in with a later time ([`Recent`]), so the two are compared at the same moment
+//! whatever the reading's age. What is compared is the change since the namespace's first reading:
 //! - TcpExtTW + TcpExtTWKilled: TIME_WAITs started, where the kernel counts them when their
 //!   timer is armed; TIME_WAITs whose timer ran out, where it counts them then (as 5.10 does).
 //!   Which one a kernel does is told by the first reading where the two differ, and kept;
@@ -46,6 +47,68 @@ pub struct OurCounts {
     pub expired: u64,
     pub reused: u64,
     pub overflow: u64,
+}
+
+impl OurCounts {
+    fn less(self, o: OurCounts) -> OurCounts {
+        OurCounts {
+            entered: self.entered.saturating_sub(o.entered),
+            expired: self.expired.saturating_sub(o.expired),
+            reused: self.reused.saturating_sub(o.reused),
+            overflow: self.overflow.saturating_sub(o.overflow),
+        }
+    }
+}
+
+/// What a counted event was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counted {
+    Entered,
+    Expired,
+    Reused,
+    Overflow,
+}
+
+/// A namespace's counted events of the last [`RECENT_NS`], by event time (at most
+/// [`RECENT_MAX`]): a reading read at `ts` is set against the counts less those after `ts`.
+#[derive(Clone, Debug, Default)]
+pub struct Recent {
+    events: std::collections::VecDeque<(u64, Counted)>,
+}
+
+/// Longer than a namespace's reading takes to arrive (a few milliseconds).
+pub const RECENT_NS: u64 = 2_000_000_000;
+pub const RECENT_MAX: usize = 1 << 16;
+
+impl Recent {
+    pub fn push(&mut self, ts_ns: u64, what: Counted) {
+        if self.events.len() == RECENT_MAX {
+            self.events.pop_front();
+        }
+        self.events.push_back((ts_ns, what));
+    }
+
+    /// Forgets events older than [`RECENT_NS`] before `now_ns`.
+    pub fn trim(&mut self, now_ns: u64) {
+        let keep = now_ns.saturating_sub(RECENT_NS);
+        while self.events.front().is_some_and(|(ts, _)| *ts < keep) {
+            self.events.pop_front();
+        }
+    }
+
+    /// `now` less the events after `ts_ns`.
+    pub fn as_of(&self, now: OurCounts, ts_ns: u64) -> OurCounts {
+        let mut later = OurCounts::default();
+        for (_, what) in self.events.iter().filter(|(ts, _)| *ts > ts_ns) {
+            *match what {
+                Counted::Entered => &mut later.entered,
+                Counted::Expired => &mut later.expired,
+                Counted::Reused => &mut later.reused,
+                Counted::Overflow => &mut later.overflow,
+            } += 1;
+        }
+        now.less(later)
+    }
 }
 
 /// When the kernel counts a TIME_WAIT in TcpExtTW / TcpExtTWKilled.
@@ -215,6 +278,19 @@ mod tests {
             reused,
             overflow,
         }
+    }
+
+    #[test]
+    fn a_reading_is_set_against_the_counts_as_of_its_time() {
+        let mut r = Recent::default();
+        r.push(10, Counted::Entered);
+        r.push(20, Counted::Entered);
+        r.push(30, Counted::Expired);
+        // Two entered and one expired are in; a reading read at 15 saw only the first.
+        assert_eq!(r.as_of(o(2, 1, 0, 0), 15), o(1, 0, 0, 0));
+        assert_eq!(r.as_of(o(2, 1, 0, 0), 30), o(2, 1, 0, 0));
+        r.trim(RECENT_NS + 25);
+        assert_eq!(r.events.len(), 1);
     }
 
     #[test]

@@ -212,7 +212,20 @@ fn host_tests(args: &[String]) -> anyhow::Result<()> {
         test.push("--test-threads=4");
     }
     test.extend(args.iter().map(String::as_str));
-    cargo(&test)
+    // As root (and in CI), a root test that cannot run fails rather than passing unseen.
+    let required = euid() == 0 || env::var_os("CI").is_some();
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(&test);
+    if required {
+        cmd.env("TWTRACE_TESTS_REQUIRED", "1");
+    }
+    let status = cmd
+        .status()
+        .with_context(|| format!("cargo {}", test.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", test.join(" "));
+    }
+    Ok(())
 }
 
 /// The .deb built, installed in a minimal Debian tree and run there, and its unit verified.

@@ -240,6 +240,11 @@ fn on_close(skc: u64, key: u64, old: u8) {
 
 #[inline(never)]
 fn count_passive_close(skc: u64) {
+    // Its peer's close, on this host too, is counted already (as a TIME_WAIT or a close that
+    // skipped one): one connection, counted once.
+    if peer_is_local(skc) {
+        return;
+    }
     let net: u64 = load(skc + conf!(off.skc_net) as u64);
     if net == 0 {
         return;
@@ -255,6 +260,37 @@ fn count_passive_close(skc: u64) {
             let _ = PASSIVE_CLOSES.insert(netns, 1u64, 0);
         }
     }
+}
+
+/// Whether the socket's peer is on this host, in its namespace: a loopback address (IPv4,
+/// IPv6 or IPv4-mapped) or the socket's own address. Read with the helper (the addresses sit
+/// in unions a typed load may not reach into), in the byte order of x86-64.
+#[inline(always)]
+fn peer_is_local(skc: u64) -> bool {
+    let family: u16 = load(skc + conf!(off.skc_family) as u64);
+    if family == twtrace_ebpf::AF_INET {
+        let (Some(d), Some(s)) = (
+            read::<u32>(skc + conf!(off.skc_daddr) as u64),
+            read::<u32>(skc + conf!(off.skc_rcv_saddr) as u64),
+        ) else {
+            return false;
+        };
+        // Network order: the first octet is the lowest byte.
+        return d == s || d & 0xff == 127;
+    }
+    if family != twtrace_ebpf::AF_INET6 {
+        return false;
+    }
+    let (Some([d0, d1]), Some([s0, s1])) = (
+        read::<[u64; 2]>(skc + conf!(off.skc_v6_daddr) as u64),
+        read::<[u64; 2]>(skc + conf!(off.skc_v6_rcv_saddr) as u64),
+    ) else {
+        return false;
+    };
+    // ::1, and ::ffff:127.x.y.z.
+    let loopback =
+        d0 == 0 && (d1 == 1 << 56 || (d1 & 0xffff_ffff == 0xffff_0000 && (d1 >> 32) & 0xff == 127));
+    loopback || (d0, d1) == (s0, s1)
 }
 
 /// The test `inet_twsk_alloc` makes before giving up on a TIME_WAIT (`refs - bias >= max`).

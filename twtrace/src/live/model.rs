@@ -338,7 +338,9 @@ impl ViewState {
                         if ended == 0 {
                             0.0
                         } else {
-                            (s.reused + s.recycled) as f64 * 100.0 / ended as f64
+                            // Taken over by a connect() only: a SYN recycle is the
+                            // peer's doing, and has its own count.
+                            s.reused as f64 * 100.0 / ended as f64
                         }
                     }),
                     mean_ms: s.and_then(|s| s.lifetimes.mean_ms()),

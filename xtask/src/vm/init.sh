@@ -68,7 +68,7 @@ fi
 kernel="$(uname -r)"
 echo "TWTRACE-VM-BOOTED kernel=$kernel uptime=$(cut -d' ' -f1 /proc/uptime) cpus=$(nproc)"
 
-export TWTRACE_BIN=/opt/twtrace/bin/twtrace TWLOAD_BIN=/opt/twtrace/bin/twload CI=true
+export TWTRACE_BIN=/opt/twtrace/bin/twtrace TWLOAD_BIN=/opt/twtrace/bin/twload CI=true TWTRACE_TESTS_REQUIRED=1
 export RUST_BACKTRACE=1
 cd /tmp
 
@@ -105,9 +105,9 @@ if [ "$preflight" = ok ]; then
     printf '%s\n' "$check"
     echo "TWTRACE-VM-CHECK rc=$rc $(printf '%s\n' "$check" | grep -v '^ *$' | tail -n 1)"
     if [ "$rc" != 0 ]; then
-        # The verifier's verdict, without its (long) log.
-        "$TWTRACE_BIN" check -vv 2>&1 | grep -iE 'too large|stack depth|invalid|unknown func' |
-            tail -n 3 | sed 's/^/TWTRACE-VM-CHECK-DETAIL /'
+        # The verifier's verdict, without its (long) log: the lines before its summary.
+        "$TWTRACE_BIN" check -vv 2>&1 | grep -iE -B3 '^processed [0-9]+ insns|too large|too deep' |
+            tail -n 6 | sed 's/^/TWTRACE-VM-CHECK-DETAIL /'
     fi
 fi
 
