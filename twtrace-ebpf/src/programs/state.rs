@@ -269,10 +269,12 @@ fn count_passive_close(skc: u64) {
 fn peer_is_local(skc: u64) -> bool {
     let family: u16 = load(skc + conf!(off.skc_family) as u64);
     if family == twtrace_ebpf::AF_INET {
-        let (Some(d), Some(s)) = (
-            read::<u32>(skc + conf!(off.skc_daddr) as u64),
-            read::<u32>(skc + conf!(off.skc_rcv_saddr) as u64),
-        ) else {
+        // One read at a time: a pattern over both leaves the second value undefined on the
+        // path where the first failed, which older verifiers refuse (`!read_ok`).
+        let Some(d) = read::<u32>(skc + conf!(off.skc_daddr) as u64) else {
+            return false;
+        };
+        let Some(s) = read::<u32>(skc + conf!(off.skc_rcv_saddr) as u64) else {
             return false;
         };
         // Network order: the first octet is the lowest byte.
@@ -281,10 +283,10 @@ fn peer_is_local(skc: u64) -> bool {
     if family != twtrace_ebpf::AF_INET6 {
         return false;
     }
-    let (Some([d0, d1]), Some([s0, s1])) = (
-        read::<[u64; 2]>(skc + conf!(off.skc_v6_daddr) as u64),
-        read::<[u64; 2]>(skc + conf!(off.skc_v6_rcv_saddr) as u64),
-    ) else {
+    let Some([d0, d1]) = read::<[u64; 2]>(skc + conf!(off.skc_v6_daddr) as u64) else {
+        return false;
+    };
+    let Some([s0, s1]) = read::<[u64; 2]>(skc + conf!(off.skc_v6_rcv_saddr) as u64) else {
         return false;
     };
     // ::1, and ::ffff:127.x.y.z.

@@ -105,9 +105,9 @@ if [ "$preflight" = ok ]; then
     printf '%s\n' "$check"
     echo "TWTRACE-VM-CHECK rc=$rc $(printf '%s\n' "$check" | grep -v '^ *$' | tail -n 1)"
     if [ "$rc" != 0 ]; then
-        # The verifier's verdict, without its (long) log: the lines before its summary.
-        "$TWTRACE_BIN" check -vv 2>&1 | grep -iE -B3 '^processed [0-9]+ insns|too large|too deep' |
-            tail -n 6 | sed 's/^/TWTRACE-VM-CHECK-DETAIL /'
+        # The end of the verifier's (long) log: its verdict and summary.
+        "$TWTRACE_BIN" check -vv 2>&1 | grep -B12 -m1 -E 'processed [0-9]+ insns|too large|too deep' |
+            sed 's/^/TWTRACE-VM-CHECK-DETAIL /'
     fi
 fi
 
