@@ -65,6 +65,29 @@ fn client_closes_first_and_expires_after_60s() {
     t.stop();
 }
 
+/// A namespace's settings are read as soon as an event comes from it, not on the next 5 s
+/// poll: a namespace that lives less than that would otherwise be advised on with stale ones.
+#[test]
+fn settings_are_read_when_a_namespace_is_first_seen() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("firstseen");
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+    let t = Trace::start(&ns, &[]);
+    // The start-up read has seen 0 by now; the namespace changes before its first event.
+    std::thread::sleep(Duration::from_millis(500));
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "1");
+    ns.twload(&["client-first"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let (recs, stderr) = t.stop();
+    let summary = recs.last().expect("summary");
+    assert_eq!(
+        summary["settings"][ns.inode.to_string()]["tcp_tw_reuse"], 1,
+        "{summary:#}\n{stderr}"
+    );
+}
+
 #[test]
 fn server_closes_first_then_netns_purge() {
     if !can_run() {
