@@ -36,7 +36,7 @@ pub async fn run(args: &ServeArgs, verbose: bool) -> anyhow::Result<()> {
     let mut agg = Aggregator::new(MonotonicClock, hz());
     let mut exporter = Exporter::new(Box::new(move |id| cgroups.display(id)));
     let render = |exporter: &mut Exporter, agg: &Aggregator<MonotonicClock>| {
-        let loss = agg.loss().clone();
+        let loss = agg.loss();
         exporter.render(agg, &loss)
     };
     let (mut publisher, reader) = snapshot::channel(render(&mut exporter, &agg));

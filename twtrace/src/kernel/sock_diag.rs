@@ -78,6 +78,7 @@ pub fn time_waits_in(path: &Path, netns: u32) -> io::Result<Vec<TwExisting>> {
                         cookie: m.cookie,
                         substate: Substate::from_tcp_state(m.state),
                         remaining_ms: m.expires_ms,
+                        seen: None,
                     }),
             );
         }
