@@ -109,7 +109,11 @@ impl AliveTw {
     /// How a rotated file restates it at its top, as of `now_ns`: as the start-up scan
     /// would (which older readers understand), with what the recording knew of it besides.
     pub fn restate(&self, now_ns: u64) -> TwExisting {
-        let left = (self.armed_ns + self.timeout_ns).saturating_sub(now_ns) / 1_000_000;
+        let left = self
+            .armed_ns
+            .saturating_add(self.timeout_ns)
+            .saturating_sub(now_ns)
+            / 1_000_000;
         TwExisting {
             conn: self.conn,
             cookie: match self.key {
@@ -914,9 +918,12 @@ impl<C: Clock> Aggregator<C> {
         });
         self.recent_ends
             .retain(|_, ended| now.saturating_sub(*ended) < RECENT_END_TTL_NS);
-        let overdue = self
-            .alive
-            .extract_if(|tw| now >= tw.armed_ns + tw.timeout_ns + OVERDUE_GRACE_NS);
+        let overdue = self.alive.extract_if(|tw| {
+            now >= tw
+                .armed_ns
+                .saturating_add(tw.timeout_ns)
+                .saturating_add(OVERDUE_GRACE_NS)
+        });
         for tw in overdue {
             self.track(&tw, now, false);
             self.totals.overdue_dropped += 1;

@@ -63,7 +63,8 @@ impl LogHistogram {
         let us = ns / 1000;
         self.counts[bucket(us)] += 1;
         self.count += 1;
-        self.sum_us += us;
+        // Saturating: a hostile recording's lifetimes may be centuries long.
+        self.sum_us = self.sum_us.saturating_add(us);
         self.min_us = self.min_us.min(us);
         self.max_us = self.max_us.max(us);
     }
@@ -73,7 +74,7 @@ impl LogHistogram {
             *a += b;
         }
         self.count += other.count;
-        self.sum_us += other.sum_us;
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
         self.min_us = self.min_us.min(other.min_us);
         self.max_us = self.max_us.max(other.max_us);
     }

@@ -78,7 +78,7 @@ pub fn report(r: &Report) -> String {
     }
     let _ = writeln!(
         o,
-        "  {} entered ({} client, {} server){}; alive at peak {}, on average {:.0}",
+        "  {} entered ({} client, {} server){}; alive at peak {}, on average {:.0}, at the end {}",
         count(t.entered, "TIME_WAIT"),
         t.client,
         t.server,
@@ -88,7 +88,8 @@ pub fn report(r: &Report) -> String {
             format!(", {}", start.join(", "))
         },
         r.alive_peak,
-        r.alive_mean
+        r.alive_mean,
+        r.alive_at_end
     );
     match r.time_waits_per_1000_closed {
         Some(per) => {

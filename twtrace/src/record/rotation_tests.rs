@@ -128,6 +128,11 @@ fn every_suffix_of_a_rotation_reports_exactly() {
         // What is left alive: the last LIFE seconds' TIME_WAITs, however far back it starts.
         assert_eq!(carried + t.entered - t.ended, LIFE * PER_SECOND);
         assert_eq!(
+            r.alive_at_end as u64,
+            LIFE * PER_SECOND,
+            "from part {first}"
+        );
+        assert_eq!(
             r.alive_peak as u64,
             (LIFE + 1) * PER_SECOND,
             "from part {first}"

@@ -141,6 +141,9 @@ pub struct Report {
     pub time_waits_per_1000_closed: Option<f64>,
     pub alive_peak: usize,
     pub alive_mean: f64,
+    /// TIME_WAITs still alive when the window closed: alive at the start (found, carried
+    /// over or begun before the window) + entered - ended - given up on.
+    pub alive_at_end: usize,
     pub lifetime: Lifetimes,
     pub ends: Vec<EndShare>,
     pub reused_pct: f64,
@@ -578,6 +581,7 @@ fn finish<F: Frames>(
         time_waits_per_1000_closed: (closed > 0 && passive.is_some())
             .then(|| t.entered as f64 * 1000.0 / closed as f64),
         alive_peak: r.alive_peak,
+        alive_at_end: agg.alive_count(),
         alive_mean: if r.alive_samples == 0 {
             agg.alive_count() as f64
         } else {

@@ -276,3 +276,48 @@ fn filters_apply() {
         "the filtered TIME_WAIT's end is dropped too"
     );
 }
+
+#[test]
+fn a_hostile_restatement_is_read_without_overflow() {
+    // A rotated file's restated TIME_WAIT with times at the ends of the clock.
+    let Event::TwEnter(e) = enter_by(1, SECOND, 1, 10) else {
+        unreachable!()
+    };
+    let seen = crate::event::SeenTw {
+        key: TwKey::Cookie(7),
+        closer: e.closer.clone(),
+        role: Role::Client,
+        close: crate::event::CloseKind::Active,
+        entered_ns: 0,
+        armed_ns: u64::MAX,
+        timeout_ns: u64::MAX,
+        rescheduled: u32::MAX,
+        preexisting: false,
+        recovered: false,
+    };
+    let evs = vec![
+        Event::TwExisting {
+            ts_ns: SECOND,
+            sockets: vec![crate::event::TwExisting {
+                conn: e.conn,
+                cookie: 7,
+                substate: Substate::TimeWait,
+                remaining_ms: u32::MAX,
+                seen: Some(seen),
+            }],
+            more: false,
+        },
+        end(TwKey::Cookie(7), u64::MAX, EndReason::Expired),
+        enter(TwKey::Cookie(8), 0, Substate::TimeWait),
+        end(TwKey::Cookie(8), u64::MAX, EndReason::Expired),
+    ];
+    let r = run(&evs, &Filters::default(), None, None);
+    let t = &r.totals;
+    assert_eq!((t.carried, t.entered), (1, 1));
+    // Whatever the times make of them, every TIME_WAIT is accounted for once.
+    assert_eq!(
+        t.carried + t.entered - t.ended - t.overdue_dropped,
+        r.alive_at_end as u64
+    );
+    assert_eq!(r.alive_at_end, 0);
+}
