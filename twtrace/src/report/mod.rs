@@ -378,8 +378,10 @@ pub fn build<F: Frames>(
             r.agg.ingest(ev, &mut r.records);
         }
         notes.push(format!(
-            "{name} is part {} of a rotated recording: it starts with the {} TIME_WAITs alive then (counted as carried over, not entered); {} entered in the files before it, which this report leaves out",
-            chain.sequence, c.alive, c.totals.entered
+            "{name} is part {} of a rotated recording: it starts with the {} alive then (counted as carried over, not entered); {} entered in the files before it, which this report leaves out",
+            chain.sequence,
+            crate::text::count(c.alive, "TIME_WAIT"),
+            c.totals.entered
         ));
     }
     // Every event's time, in the window or not: the recording's span.
@@ -549,8 +551,10 @@ fn finish<F: Frames>(
     }
     if !loss.is_zero() {
         warnings.push(format!(
-            "the recording lost events: {} (ring buffer full), {} recursion misses ({} TIME_WAIT starts recovered by the sweep)",
-            loss.ringbuf_full, loss.recursion_misses, t.recovered
+            "the recording lost events: {} (ring buffer full), {} ({} recovered by the sweep)",
+            loss.ringbuf_full,
+            crate::text::count_as(loss.recursion_misses, "recursion miss", "recursion misses"),
+            crate::text::count(t.recovered, "TIME_WAIT start")
         ));
     }
     if passive.is_none() {
