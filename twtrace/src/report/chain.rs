@@ -1,6 +1,7 @@
 //! The files given to one report, checked against their places in a rotation (the header's
 //! `chain`): out of order is refused with the order to type, a missing file is said.
-//! Recordings without a `chain` (older ones) are taken as given.
+//! Recordings without a `chain` (older ones) are checked by their first events' times as the
+//! report reaches each ([`older_in_order`]), one file read ahead at a time.
 
 use super::ReportError;
 use crate::record::Frames;
@@ -65,4 +66,29 @@ fn suggested<F: Frames>(traces: &[(String, F)]) -> String {
     seqs.dedup_by_key(|s| s.0);
     let names: Vec<&str> = seqs.iter().map(|s| s.1).collect();
     format!("twtrace report {}", names.join(" "))
+}
+
+/// For two files without a `chain` of one boot of one host, `b` given after `a`: in order
+/// when `b` starts no earlier than `a` did.
+pub fn older_in_order<F: Frames>(
+    (a_name, a, a_first): (&str, &F, u64),
+    (b_name, b): (&str, &mut F),
+) -> Result<(), ReportError> {
+    let (ha, hb) = (a.header(), b.header());
+    if ha.chain.is_some()
+        || hb.chain.is_some()
+        || ha.hostname != hb.hostname
+        || ha.boot_time != hb.boot_time
+    {
+        return Ok(());
+    }
+    match b.first_ts_ns()? {
+        Some(b_first) if b_first < a_first => Err(ReportError::OutOfOrder {
+            earlier: b_name.to_string(),
+            later: a_name.to_string(),
+            same: false,
+            order: format!("{b_name} before {a_name}"),
+        }),
+        _ => Ok(()),
+    }
 }

@@ -386,11 +386,18 @@ pub fn build<F: Frames>(
     }
     // Every event's time, in the window or not: the recording's span.
     let mut span: Option<(u64, u64)> = None;
-    for (i, (_, trace)) in traces.iter_mut().enumerate() {
+    let mut prev_first = None;
+    for i in 0..traces.len() {
         if order.gaps_before.contains(&i) {
             // The next file restates what is alive after the gap.
             r.agg.forget_alive();
         }
+        let (done, rest) = traces.split_at_mut(i);
+        let (name, trace) = &mut rest[0];
+        if let (Some((prev_name, prev)), Some(prev_first)) = (done.last(), prev_first) {
+            chain::older_in_order((prev_name, prev, prev_first), (name, trace))?;
+        }
+        prev_first = trace.first_ts_ns()?;
         while let Some(frame) = trace.next_frame()? {
             for mut ev in frame {
                 let ts = ev.ts_ns();

@@ -321,3 +321,33 @@ fn a_hostile_restatement_is_read_without_overflow() {
     );
     assert_eq!(r.alive_at_end, 0);
 }
+
+#[test]
+fn older_recordings_out_of_order_are_refused_by_their_times() {
+    // Files without a `chain` (recorded before it existed) of one boot of one host.
+    let named = |name: &str, evs: Vec<Event>| {
+        let (_, mut t) = trace(evs);
+        t.header.boot_time = "2026-12-01T00:00:00Z".into();
+        (name.to_string(), t)
+    };
+    let a = || named("r.twt.1", vec![enter_by(1, SECOND, 1, 10)]);
+    let b = || {
+        named(
+            "r.twt",
+            vec![end(TwKey::Cookie(1), 10 * SECOND, EndReason::Expired)],
+        )
+    };
+    let e = build(&mut [b(), a()], &Filters::default(), Window::default()).expect_err("refused");
+    assert!(matches!(e, ReportError::OutOfOrder { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .ends_with("oldest first: r.twt.1 before r.twt"),
+        "{e}"
+    );
+    let r = build(&mut [a(), b()], &Filters::default(), Window::default()).unwrap();
+    assert_eq!((r.totals.entered, r.totals.ended), (1, 1));
+    // Another boot's recording is another clock: not compared.
+    let mut other = a();
+    other.1.header.boot_time = "2026-12-02T00:00:00Z".into();
+    assert!(build(&mut [b(), other], &Filters::default(), Window::default()).is_ok());
+}
