@@ -442,11 +442,16 @@ impl<C: Clock> Aggregator<C> {
     /// Connections this host closed: actively (TIME_WAITs entered and closes that skipped
     /// TIME_WAIT) and passively (LAST_ACK->CLOSE).
     pub fn connections_closed(&self) -> u64 {
-        self.totals.entered
-            + self.totals.overflow
-            + self.totals.abort
-            + self.totals.peer_reset
-            + self.passive_closed()
+        // Saturating: a hostile recording's snapshots may say anything.
+        [
+            self.totals.entered,
+            self.totals.overflow,
+            self.totals.abort,
+            self.totals.peer_reset,
+            self.passive_closed(),
+        ]
+        .into_iter()
+        .fold(0u64, u64::saturating_add)
     }
 
     /// Passive closes (LAST_ACK->CLOSE) since the counts started.
@@ -454,7 +459,7 @@ impl<C: Clock> Aggregator<C> {
         self.passive_closes
             .iter()
             .map(|(ns, &n)| n.saturating_sub(self.base_passive.get(ns).copied().unwrap_or(0)))
-            .sum()
+            .fold(0, u64::saturating_add)
     }
 
     /// What the kernel side lost since the counts started, as of the latest snapshot.

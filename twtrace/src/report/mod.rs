@@ -477,7 +477,10 @@ fn finish<F: Frames>(
         .map_or(0, |(_, t)| t.header().clock_offset_ns);
     let rfc = |ns: u64| rfc(offset, ns);
     let passive = filters.passive_closes_known().then(|| agg.passive_closed());
-    let closed = agg.connections_closed() - agg.passive_closed() + passive.unwrap_or(0);
+    let closed = agg
+        .connections_closed()
+        .saturating_sub(agg.passive_closed())
+        .saturating_add(passive.unwrap_or(0));
 
     let mut processes: Vec<ProcessRow> = agg
         .stats()

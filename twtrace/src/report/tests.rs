@@ -311,7 +311,10 @@ fn a_hostile_restatement_is_read_without_overflow() {
         enter(TwKey::Cookie(8), 0, Substate::TimeWait),
         end(TwKey::Cookie(8), u64::MAX, EndReason::Expired),
     ];
+    let mut evs = evs;
+    evs.push(snapshot(2 * SECOND, vec![(1, u64::MAX), (2, u64::MAX)]));
     let r = run(&evs, &Filters::default(), None, None);
+    assert_eq!(r.connections_closed, u64::MAX, "saturated, not wrapped");
     let t = &r.totals;
     assert_eq!((t.carried, t.entered), (1, 1));
     // Whatever the times make of them, every TIME_WAIT is accounted for once.
