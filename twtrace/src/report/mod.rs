@@ -406,7 +406,9 @@ pub fn build<F: Frames>(
                     continue;
                 }
                 if r.open_ns.is_none() && window.from_ns.is_none_or(|f| ts >= f) {
-                    let at = window.from_ns.unwrap_or(ts);
+                    // At --from, or at the recording's start when --from is before it.
+                    let first = span.map_or(ts, |s| s.0);
+                    let at = window.from_ns.map_or(ts, |f| f.max(first).min(ts));
                     r.advance(at);
                     r.open(at);
                 }

@@ -147,6 +147,25 @@ fn alive_at_peak_in_a_window_counts_time_waits_begun_before_it() {
     assert_eq!(r.from.as_deref(), Some("1970-01-01T00:00:05.000Z"));
     assert_eq!(r.timeline.len(), 1);
     assert_eq!(r.timeline[0].counts.entered, 12);
+    // A window that begins before the recording counts from the recording's start: no
+    // seconds of nothing in the mean.
+    let later: Vec<Event> = evs
+        .iter()
+        .cloned()
+        .map(|mut e| {
+            match &mut e {
+                Event::TwEnter(t) => t.ts_ns += 1000 * SECOND,
+                Event::Snapshot { ts_ns, .. } => *ts_ns += 1000 * SECOND,
+                _ => unreachable!(),
+            }
+            e
+        })
+        .collect();
+    let whole = run(&later, &Filters::default(), None, Some(1008));
+    let from_before = run(&later, &Filters::default(), Some(0), Some(1008));
+    assert_eq!(from_before.span_s, 7.0);
+    assert_eq!(from_before.alive_mean, whole.alive_mean);
+    assert!(from_before.alive_mean > 100.0, "{}", from_before.alive_mean);
     // A window with no event of its own still sees what was alive.
     let quiet = run(&evs, &Filters::default(), Some(3), Some(4));
     assert_eq!(quiet.events, 0);
