@@ -403,8 +403,14 @@ pub struct Recording {
 
 impl Recording {
     pub fn start(netns: &Netns, file: &str) -> Self {
+        Self::start_with(netns, file, &[])
+    }
+
+    /// With more options (`--max-size`, `--keep`...).
+    pub fn start_with(netns: &Netns, file: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(twtrace_bin())
             .args(["record", "--json", "--netns", &netns.name, "-o", file])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -79,3 +79,72 @@ fn check_attaches_and_names_what_this_kernel_lacks() {
         other => panic!("end: reset is {other:?}"),
     }
 }
+
+/// With the kernel's config hidden (Debian's kernels have no /proc/config.gz, and containers
+/// no /boot), CONFIG_HZ is measured from the jiffies counter, and agrees with the config.
+#[test]
+fn config_hz_is_measured_when_the_config_is_hidden() {
+    if !can_run() {
+        return;
+    }
+    let hz_line = |hide: bool| -> String {
+        let mut cmd = std::process::Command::new(twtrace_bin());
+        cmd.arg("check");
+        if hide {
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+            let paths: Vec<std::ffi::CString> = [
+                "/proc/config.gz".to_string(),
+                format!("/boot/config-{}", release.trim()),
+            ]
+            .into_iter()
+            .filter(|p| std::path::Path::new(p).exists())
+            .map(|p| std::ffi::CString::new(p).unwrap())
+            .collect();
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: between fork and exec only async-signal-safe system calls, on the
+            // child's own new mount namespace.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let null = c"/dev/null";
+                    if libc::unshare(libc::CLONE_NEWNS) != 0
+                        || libc::mount(
+                            std::ptr::null(),
+                            c"/".as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_REC | libc::MS_PRIVATE,
+                            std::ptr::null(),
+                        ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    for p in &paths {
+                        let flags = libc::MS_BIND;
+                        if libc::mount(
+                            null.as_ptr(),
+                            p.as_ptr(),
+                            std::ptr::null(),
+                            flags,
+                            std::ptr::null(),
+                        ) != 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let out = cmd.output().expect("run twtrace check");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find(|l| l.starts_with("CONFIG_HZ"))
+            .unwrap_or_else(|| panic!("no CONFIG_HZ line: {text}"))
+            .to_string()
+    };
+    let plain = hz_line(false);
+    let hidden = hz_line(true);
+    println!("{plain}\n{hidden}");
+    assert!(hidden.contains("measured"), "{hidden}");
+    let value = |l: &str| l.split_whitespace().nth(1).map(str::to_string);
+    assert_eq!(value(&plain), value(&hidden), "{plain} / {hidden}");
+}

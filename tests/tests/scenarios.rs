@@ -83,7 +83,8 @@ fn settings_are_read_when_a_namespace_is_first_seen() {
     let (recs, stderr) = t.stop();
     let summary = recs.last().expect("summary");
     assert_eq!(
-        summary["settings"][ns.inode.to_string()]["tcp_tw_reuse"], 1,
+        summary["settings"][ns.inode.to_string()]["tcp_tw_reuse"],
+        1,
         "{summary:#}\n{stderr}"
     );
 }
@@ -726,6 +727,98 @@ fn kill_9_while_recording_loses_at_most_the_last_second() {
     assert!((40..=50).contains(&kept), "{kept} of 50 kept: {report:#}");
     assert_eq!(report["totals"]["server"], 0, "{report:#}");
     let _ = std::fs::remove_file(&file);
+}
+
+/// `record --max-size --keep` on real traffic: each file a rotation begins restates what is
+/// alive, so every suffix of the rotation reports the same TIME_WAITs alive at the end, with
+/// none ending unseen, and the files' own counts add up to the whole.
+#[test]
+fn rotation_with_keep() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("rotate");
+    // 50 ports and reuse: connects take over TIME_WAITs after 1 s, so TIME_WAITs begin in one
+    // file and end in another.
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40049");
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "1");
+    let file = tmp_trace("rotate");
+    // 1 byte: every file is full after its first frame, so a file a second.
+    let mut rec = twtrace_integration::Recording::start_with(
+        &ns,
+        &file,
+        &["--max-size", "1", "--keep", "30"],
+    );
+    ns.twload(&["fill", "127.0.0.1:8079", "25"]);
+    ns.twload(&["churn", "127.0.0.1:8080", "4", "100000", "60"]);
+    let live = rec.stop();
+    let mut files: Vec<String> = (1..=30)
+        .map(|k| format!("{file}.{k}"))
+        .filter(|f| std::path::Path::new(f).exists())
+        .collect();
+    files.reverse();
+    files.push(file.clone());
+    assert!(files.len() >= 4, "rotated only into {files:?}");
+    let report = |fs: &[String]| -> Value {
+        let mut args = vec!["report", "--json"];
+        args.extend(fs.iter().map(String::as_str));
+        serde_json::from_str(&twtrace(&args)).unwrap()
+    };
+    let whole = report(&files);
+    assert_eq!(
+        whole["totals"]["entered"], live["totals"]["entered"],
+        "{whole:#} vs {live:#}"
+    );
+    let n = |r: &Value, k: &str| r["totals"][k].as_u64().unwrap();
+    assert!(n(&whole, "reused") > 0, "{whole:#}");
+    assert_eq!(whole["ends_without_start"], 0, "{whole:#}");
+    let alive_at_end = whole["alive_at_end"].as_u64().unwrap();
+    assert_eq!(
+        n(&whole, "entered") - n(&whole, "ended") - n(&whole, "overdue_dropped"),
+        alive_at_end,
+        "{whole:#}"
+    );
+    let mut entered_one_by_one = 0;
+    for first in 0..files.len() {
+        let r = report(&files[first..]);
+        eprintln!(
+            "from {} ({} files): entered {}, carried {}, ended {}, alive at the end {}",
+            files[first],
+            files.len() - first,
+            n(&r, "entered"),
+            n(&r, "carried"),
+            n(&r, "ended"),
+            r["alive_at_end"]
+        );
+        assert_eq!(r["ends_without_start"], 0, "from {}: {r:#}", files[first]);
+        assert_eq!(
+            r["alive_at_end"].as_u64(),
+            Some(alive_at_end),
+            "from {}: {r:#}",
+            files[first]
+        );
+        assert_eq!(
+            n(&r, "carried") + n(&r, "preexisting") + n(&r, "entered")
+                - n(&r, "ended")
+                - n(&r, "overdue_dropped"),
+            alive_at_end,
+            "from {}: {r:#}",
+            files[first]
+        );
+        entered_one_by_one += n(&report(&files[first..=first]), "entered");
+    }
+    assert_eq!(entered_one_by_one, n(&whole, "entered"));
+    // Out of order: refused, with the order to type.
+    let out = std::process::Command::new(twtrace_integration::twtrace_bin())
+        .args(["report", &file, &files[0]])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("give the files oldest first"), "{err}");
+    for f in files {
+        let _ = std::fs::remove_file(f);
+    }
 }
 
 #[test]

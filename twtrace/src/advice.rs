@@ -1,6 +1,7 @@
 //! Advice computed from what was measured. Every item cites its numbers; a rule with no
 //! evidence says nothing.
 
+use crate::text::{count, count_as};
 use std::{collections::HashMap, net::IpAddr};
 
 use serde::Serialize;
@@ -126,12 +127,12 @@ pub fn advise(ev: &Evidence) -> Vec<Advice> {
             netns: Some(f.conn.netns),
             subject: endpoint(f.conn.raddr, f.conn.rport),
             text: format!(
-                "{} connect() calls failed with EADDRNOTAVAIL (no free local port); the last, by {} (pid {}) to {}, found {} TIME_WAITs towards it: {}",
-                ev.failures.connect_eaddrnotavail,
+                "{} failed with EADDRNOTAVAIL (no free local port); the last, by {} (pid {}) to {}, found {} towards it: {}",
+                count_as(ev.failures.connect_eaddrnotavail, "connect() call", "connect() calls"),
                 f.process.comm,
                 f.process.pid,
                 endpoint(f.conn.raddr, f.conn.rport),
-                last.time_wait_holding,
+                count(last.time_wait_holding.into(), "TIME_WAIT"),
                 remedy
             ),
         });
@@ -150,12 +151,12 @@ pub fn advise(ev: &Evidence) -> Vec<Advice> {
             netns: Some(f.conn.netns),
             subject: format!("port {}", f.conn.lport),
             text: format!(
-                "{} bind() calls failed with EADDRINUSE; the last, by {} (pid {}) on port {}, was blocked by {} TIME_WAITs of earlier connections: set SO_REUSEADDR on the listening socket before bind()",
-                ev.failures.bind_eaddrinuse,
+                "{} failed with EADDRINUSE; the last, by {} (pid {}) on port {}, was blocked by {} of earlier connections: set SO_REUSEADDR on the listening socket before bind()",
+                count_as(ev.failures.bind_eaddrinuse, "bind() call", "bind() calls"),
                 f.process.comm,
                 f.process.pid,
                 f.conn.lport,
-                last.time_wait_holding
+                count(last.time_wait_holding.into(), "TIME_WAIT")
             ),
         });
     }
@@ -178,8 +179,9 @@ pub fn advise(ev: &Evidence) -> Vec<Advice> {
             netns: None,
             subject: "tcp_max_tw_buckets".into(),
             text: format!(
-                "{} closes skipped TIME_WAIT because net.ipv4.tcp_max_tw_buckets{} was full: TIME_WAIT's protection against late segments is being dropped; raise it or reduce connection churn",
-                ev.totals.overflow, max
+                "{} TIME_WAIT because net.ipv4.tcp_max_tw_buckets{} was full: TIME_WAIT's protection against late segments is being dropped; raise it or reduce connection churn",
+                count_as(ev.totals.overflow, "close skipped", "closes skipped"),
+                max
             ),
         });
     }
@@ -190,8 +192,10 @@ pub fn advise(ev: &Evidence) -> Vec<Advice> {
             netns: None,
             subject: comm.to_string(),
             text: format!(
-                "{} connections were reset instead of closed (SO_LINGER 0 or close with unread data), {} of them by {}: data still in flight can be lost; close gracefully unless that is intended",
-                ev.totals.abort, n, comm
+                "{} reset instead of closed (SO_LINGER 0 or close with unread data), {} of them by {}: data still in flight can be lost; close gracefully unless that is intended",
+                count_as(ev.totals.abort, "connection was", "connections were"),
+                n,
+                comm
             ),
         });
     }

@@ -11,14 +11,16 @@ use crate::{
     FastMap,
     alive::AliveSet,
     reconcile::{
-        self, Counted, Counting, KernelCounts, NetnsCheck, NetnsReadings, OurCounts, Recent,
+        self, Counted, Counting, KernelCounts, NetnsCheck, NetnsReadings, OurCounts, OurSpan,
+        Recent,
     },
     stats::{ProcKey, Stats},
 };
 
 use crate::event::{
     CloseKind, Dest, EndReason, Endpoints, Event, NetnsSettings, NoTimeWait, NoTwReason,
-    PortFailure, PortOp, Process, Recovered, Role, Substate, TwEnd, TwEnter, TwExisting, TwKey,
+    PortFailure, PortOp, Process, Recovered, Role, SeenTw, Substate, TwEnd, TwEnter, TwExisting,
+    TwKey,
 };
 
 /// TCP_TIMEWAIT_LEN: a true TIME_WAIT's timer.
@@ -105,6 +107,39 @@ pub struct AliveTw {
     pub preexisting: bool,
     /// Its start was recovered by the sweep: `entered_ns` is an estimate.
     pub recovered: bool,
+}
+
+impl AliveTw {
+    /// How a rotated file restates it at its top, as of `now_ns`: as the start-up scan
+    /// would (which older readers understand), with what the recording knew of it besides.
+    pub fn restate(&self, now_ns: u64) -> TwExisting {
+        let left = self
+            .armed_ns
+            .saturating_add(self.timeout_ns)
+            .saturating_sub(now_ns)
+            / 1_000_000;
+        TwExisting {
+            conn: self.conn,
+            cookie: match self.key {
+                TwKey::Cookie(c) => c,
+                TwKey::Addr(_) => 0,
+            },
+            substate: self.substate,
+            remaining_ms: left.min(u64::from(u32::MAX)) as u32,
+            seen: Some(SeenTw {
+                key: self.key,
+                closer: self.closer.clone(),
+                role: self.role,
+                close: self.close,
+                entered_ns: self.entered_ns,
+                armed_ns: self.armed_ns,
+                timeout_ns: self.timeout_ns,
+                rescheduled: self.rescheduled,
+                preexisting: self.preexisting,
+                recovered: self.recovered,
+            }),
+        }
+    }
 }
 
 /// A finished TIME_WAIT.
@@ -231,8 +266,9 @@ pub struct Failures {
 
 const RECENT_FAILURES: usize = 100;
 
-/// Running totals since the start.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+/// Running totals since the start (or since [`Aggregator::restart_counts`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Totals {
     pub entered: u64,
     pub preexisting: u64,
@@ -261,6 +297,9 @@ pub struct Totals {
     /// TIME_WAITs given up on: their timer should have ended them long ago, and no end check
     /// found them gone (offline, or the lookups failed).
     pub overdue_dropped: u64,
+    /// TIME_WAITs alive when a rotated file began, restated from the files before it (not
+    /// counted in `entered`: they entered there).
+    pub carried: u64,
 }
 
 impl Totals {
@@ -329,6 +368,10 @@ pub struct Aggregator<C: Clock> {
     /// Latest passive closes per namespace (cumulative since twtrace attached).
     passive_closes: HashMap<u32, u64>,
     loss: crate::kernel::tracer::Loss,
+    /// Passive closes and loss at [`Aggregator::restart_counts`]: snapshots carry them
+    /// cumulative, so counts since then subtract these.
+    base_passive: HashMap<u32, u64>,
+    base_loss: crate::kernel::tracer::Loss,
     cgroup_paths: HashMap<u64, String>,
     /// TIME_WAITs handed to the end check, and when they may be asked about again.
     end_checks: FastMap<TwKey, u64>,
@@ -395,6 +438,8 @@ impl<C: Clock> Aggregator<C> {
             kernel_counters: HashMap::new(),
             passive_closes: HashMap::new(),
             loss: Default::default(),
+            base_passive: HashMap::new(),
+            base_loss: Default::default(),
             cgroup_paths: HashMap::new(),
             end_checks: FastMap::default(),
             readings: FastMap::default(),
@@ -404,6 +449,44 @@ impl<C: Clock> Aggregator<C> {
             netns_gone: Default::default(),
             gone_checks: Default::default(),
         }
+    }
+
+    /// Starts every count again from zero, keeping what is alive and known (TIME_WAITs,
+    /// settings, live connections, cgroups): a report's window counts from its start, yet
+    /// knows the TIME_WAITs that began before it.
+    pub fn restart_counts(&mut self) {
+        self.totals = Totals::default();
+        self.by_netns = FastMap::default();
+        self.stats = Stats::default();
+        self.failures = Failures::default();
+        self.aborts_by_comm = FastMap::default();
+        self.server_tw_by_comm = FastMap::default();
+        self.base_passive = self.passive_closes.clone();
+        self.base_loss = self.loss.clone();
+        // The kernel check spans the counts: from the window's first reading on.
+        self.readings = FastMap::default();
+        self.recent = FastMap::default();
+        self.gone_checks.clear();
+    }
+
+    /// Forgets every alive TIME_WAIT without counting an end: at a gap in a recording (a
+    /// missing file), whose ends are unknown. Returns how many.
+    pub fn forget_alive(&mut self) -> usize {
+        let gone = self.alive.extract_if(|_| true);
+        for tw in &gone {
+            self.track(tw, tw.armed_ns, false);
+        }
+        gone.len()
+    }
+
+    /// Passive closes per namespace since twtrace attached, as the latest snapshot said.
+    pub fn passive_closes_total(&self) -> &HashMap<u32, u64> {
+        &self.passive_closes
+    }
+
+    /// What the kernel side lost since twtrace attached, as of the latest snapshot.
+    pub fn loss_total(&self) -> &crate::kernel::tracer::Loss {
+        &self.loss
     }
 
     /// Paths of cgroups, as recorded (see [`Event::Cgroup`]).
@@ -457,19 +540,31 @@ impl<C: Clock> Aggregator<C> {
     /// the peer is not on this host). A connection with both ends here counts once: by the
     /// end that closed first, or that sent the reset.
     pub fn connections_closed(&self) -> u64 {
-        self.totals.entered
-            + self.totals.overflow
-            + self.totals.abort
-            + self
-                .totals
+        // Saturating: a hostile recording's snapshots may say anything.
+        [
+            self.totals.entered,
+            self.totals.overflow,
+            self.totals.abort,
+            self.totals
                 .peer_reset
-                .saturating_sub(self.totals.peer_reset_local)
-            + self.passive_closes.values().sum::<u64>()
+                .saturating_sub(self.totals.peer_reset_local),
+            self.passive_closed(),
+        ]
+        .into_iter()
+        .fold(0u64, u64::saturating_add)
     }
 
-    /// What the kernel side lost, as of the latest snapshot.
-    pub fn loss(&self) -> &crate::kernel::tracer::Loss {
-        &self.loss
+    /// Passive closes (LAST_ACK->CLOSE) since the counts started.
+    pub fn passive_closed(&self) -> u64 {
+        self.passive_closes
+            .iter()
+            .map(|(ns, &n)| n.saturating_sub(self.base_passive.get(ns).copied().unwrap_or(0)))
+            .fold(0, u64::saturating_add)
+    }
+
+    /// What the kernel side lost since the counts started, as of the latest snapshot.
+    pub fn loss(&self) -> crate::kernel::tracer::Loss {
+        self.loss.since(&self.base_loss)
     }
 
     pub fn settings(&self) -> &HashMap<u32, NetnsSettings> {
@@ -696,6 +791,7 @@ impl<C: Clock> Aggregator<C> {
                 netns,
                 counters,
                 ts_ns,
+                until_ns,
             } => {
                 if let Some(k) = KernelCounts::from_tcp_ext(&counters) {
                     let ns = self.by_netns.get(&netns).map(|n| &n.0);
@@ -705,9 +801,13 @@ impl<C: Clock> Aggregator<C> {
                         reused: t.reused,
                         overflow: t.overflow,
                     });
-                    let ours = match self.recent.get(&netns) {
-                        Some(r) => r.as_of(now, ts_ns),
+                    let as_of = |t: u64| match self.recent.get(&netns) {
+                        Some(r) => r.as_of(now, t),
                         None => now,
+                    };
+                    let ours = OurSpan {
+                        lo: as_of(ts_ns),
+                        hi: as_of(until_ns.unwrap_or(ts_ns).max(ts_ns)),
                     };
                     let r = self.readings.entry(netns).or_default();
                     r.push(k, ours);
@@ -914,6 +1014,9 @@ impl<C: Clock> Aggregator<C> {
     }
 
     fn existing(&mut self, ts_ns: u64, s: TwExisting, out: &mut Vec<Record>) {
+        if let Some(seen) = s.seen {
+            return self.carried(s.conn, s.substate, seen, out);
+        }
         let key = TwKey::new(s.cookie, 0);
         if s.cookie == 0
             || self.alive.contains_key(&key)
@@ -977,6 +1080,36 @@ impl<C: Clock> Aggregator<C> {
         out
     }
 
+    /// A TIME_WAIT a rotated file restates: known already when the file before it was read,
+    /// else alive since before this file began, with all the recording knew of it.
+    fn carried(&mut self, conn: Endpoints, substate: Substate, s: SeenTw, out: &mut Vec<Record>) {
+        if self.alive.contains_key(&s.key) {
+            return;
+        }
+        let tw = AliveTw {
+            key: s.key,
+            conn,
+            closer: s.closer,
+            role: s.role,
+            close: s.close,
+            substate,
+            entered_ns: s.entered_ns,
+            armed_ns: s.armed_ns,
+            timeout_ns: s.timeout_ns,
+            rescheduled: s.rescheduled,
+            preexisting: s.preexisting,
+            recovered: s.recovered,
+        };
+        self.totals.carried += 1;
+        // It holds its port; it is not entering now.
+        self.track_held(&tw, true);
+        let key = tw.key;
+        self.alive.insert(tw);
+        if let Some((end, _)) = self.early_ends.remove(&key) {
+            self.end(end, out);
+        }
+    }
+
     /// Housekeeping driven by the injected clock: forgets ends that never found their
     /// TIME_WAIT, and gives up on TIME_WAITs whose timer should have fired long ago (their end
     /// was lost). Call about once a second.
@@ -991,9 +1124,12 @@ impl<C: Clock> Aggregator<C> {
         });
         self.recent_ends
             .retain(|_, ended| now.saturating_sub(*ended) < RECENT_END_TTL_NS);
-        let overdue = self
-            .alive
-            .extract_if(|tw| now >= tw.armed_ns + tw.timeout_ns + OVERDUE_GRACE_NS);
+        let overdue = self.alive.extract_if(|tw| {
+            now >= tw
+                .armed_ns
+                .saturating_add(tw.timeout_ns)
+                .saturating_add(OVERDUE_GRACE_NS)
+        });
         for tw in overdue {
             self.track(&tw, now, false);
             self.end_checks.remove(&tw.key);
@@ -1334,6 +1470,7 @@ pub(crate) mod tests {
             cookie,
             substate: Substate::TimeWait,
             remaining_ms,
+            seen: None,
         }
     }
 
@@ -1606,6 +1743,7 @@ pub(crate) mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
+            until_ns: None,
         }
     }
 

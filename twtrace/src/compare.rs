@@ -216,7 +216,7 @@ fn settings_diff(b: &Report, a: &Report) -> Vec<SettingDiff> {
 pub fn compare(b: &Report, a: &Report) -> Comparison {
     let (tb, ta) = (b.span_s / 60.0, a.span_s / 60.0);
     let (bt, at) = (&b.totals, &a.totals);
-    let peak = |r: &Report| r.pressure_peaks.first().map_or(0.0, |p| p.percent);
+    let peak = |r: &Report| r.pressure_peaks.first().map_or(0.0, |p| p.pressure.percent);
     use Better::{Lower, Neither};
     let values = vec![
         (

@@ -286,6 +286,26 @@ pub struct TwExisting {
     pub substate: Substate,
     /// Time left on its timer when scanned.
     pub remaining_ms: u32,
+    /// What the recording knew of it, when a rotated file restates the TIME_WAITs alive at
+    /// its start (a scan knows none of it). Absent in scans and in older recordings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen: Option<SeenTw>,
+}
+
+/// A TIME_WAIT as the aggregator knew it at a rotation: with it, a report of the newer files
+/// alone still knows each one's closer, role and start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeenTw {
+    pub key: TwKey,
+    pub closer: Option<Process>,
+    pub role: Role,
+    pub close: CloseKind,
+    pub entered_ns: u64,
+    pub armed_ns: u64,
+    pub timeout_ns: u64,
+    pub rescheduled: u32,
+    pub preexisting: bool,
+    pub recovered: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -421,6 +441,10 @@ pub enum Event {
         ts_ns: u64,
         netns: u32,
         counters: std::collections::BTreeMap<String, u64>,
+        /// When the read that began at `ts_ns` ended: what happened in between may be in
+        /// the counters or not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until_ns: Option<u64>,
     },
     /// The namespace at inode `netns`, as of `ts_ns`, with its cookie where the kernel gives
     /// one (5.14): an inode is reused once a namespace is gone, and a new cookie under a known

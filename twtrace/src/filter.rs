@@ -69,6 +69,15 @@ impl Filters {
         self.pid.is_some() || self.comm.is_some()
     }
 
+    /// Whether passive closes can be counted under these filters: the kernel counts them per
+    /// namespace only, with no process, port or address family.
+    pub fn passive_closes_known(&self) -> bool {
+        !self.on_process()
+            && self.lports.is_empty()
+            && self.rports.is_empty()
+            && self.family.is_none()
+    }
+
     /// The filters on a connection's identity.
     pub fn matches_conn(&self, c: &Endpoints) -> bool {
         self.netns.is_none_or(|n| n == c.netns)
@@ -128,9 +137,19 @@ impl EventFilter {
             Event::NoTimeWait(n) => f.matches_conn(&n.conn) && f.matches_process(n.closer.as_ref()),
             Event::PortFailure(p) => f.matches_conn(&p.conn) && f.matches_process(Some(&p.process)),
             Event::TwExisting { sockets, .. } => {
-                sockets.retain(|s| !f.on_process() && f.matches_conn(&s.conn));
-                self.admitted
-                    .extend(sockets.iter().map(|s| TwKey::new(s.cookie, 0)));
+                // A rotation's restatement knows each closer; a scan knows none.
+                sockets.retain(|s| {
+                    f.matches_conn(&s.conn)
+                        && match &s.seen {
+                            Some(seen) => f.matches_process(seen.closer.as_ref()),
+                            None => !f.on_process(),
+                        }
+                });
+                self.admitted.extend(
+                    sockets
+                        .iter()
+                        .map(|s| s.seen.as_ref().map_or(TwKey::new(s.cookie, 0), |x| x.key)),
+                );
                 true
             }
             Event::Settings { netns, .. }
@@ -138,7 +157,14 @@ impl EventFilter {
             | Event::KernelCounters { netns, .. }
             | Event::Netns { netns, .. }
             | Event::NetnsGone { netns, .. } => f.netns.is_none_or(|n| n == *netns),
-            Event::Snapshot { .. } | Event::Cgroup { .. } => true,
+            // Passive closes are counted per namespace: only the namespace filter applies.
+            Event::Snapshot { passive_closes, .. } => {
+                if let Some(n) = f.netns {
+                    passive_closes.retain(|&(ns, _)| ns == n);
+                }
+                true
+            }
+            Event::Cgroup { .. } => true,
         }
     }
 }

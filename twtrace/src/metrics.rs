@@ -492,6 +492,7 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
+            until_ns: None,
         }
     }
 

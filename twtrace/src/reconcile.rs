@@ -121,41 +121,70 @@ pub enum Counting {
     AtExpiry,
 }
 
+/// twtrace's counts as of when a reading began (`lo`) and ended (`hi`): the kernel's counter
+/// may or may not include what happened while it was read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OurSpan {
+    pub lo: OurCounts,
+    pub hi: OurCounts,
+}
+
 /// A namespace's first and latest readings, each with twtrace's counts beside it.
 #[derive(Clone, Debug, Default)]
 pub struct NetnsReadings {
-    first: Option<(KernelCounts, OurCounts)>,
-    last: Option<(KernelCounts, OurCounts)>,
+    first: Option<(KernelCounts, OurSpan)>,
+    last: Option<(KernelCounts, OurSpan)>,
+}
+
+/// Changes between two readings: the kernel's, and the range twtrace's can be in.
+#[derive(Clone, Copy, Debug)]
+struct Deltas {
+    k: KernelCounts,
+    lo: OurCounts,
+    hi: OurCounts,
+}
+
+impl Deltas {
+    /// twtrace's change in one count: the kernel's when it is within the range, else the
+    /// nearer bound.
+    fn ours(&self, kernel: u64, pick: fn(&OurCounts) -> u64) -> (u64, bool) {
+        let (lo, hi) = (pick(&self.lo), pick(&self.hi));
+        (kernel.clamp(lo, hi.max(lo)), (lo..=hi).contains(&kernel))
+    }
 }
 
 impl NetnsReadings {
-    pub fn push(&mut self, k: KernelCounts, ours: OurCounts) {
+    /// A reading read in an instant (tests, and readings without an end time).
+    pub fn push_exact(&mut self, k: KernelCounts, ours: OurCounts) {
+        self.push(k, OurSpan { lo: ours, hi: ours });
+    }
+
+    pub fn push(&mut self, k: KernelCounts, ours: OurSpan) {
         self.first.get_or_insert((k, ours));
         self.last = Some((k, ours));
     }
 
-    /// Changes since the first reading: kernel's, then twtrace's.
-    fn deltas(&self) -> Option<(KernelCounts, OurCounts)> {
+    /// Changes since the first reading.
+    fn deltas(&self) -> Option<Deltas> {
         let ((k0, o0), (k1, o1)) = (self.first?, self.last?);
-        Some((
-            KernelCounts {
+        Some(Deltas {
+            k: KernelCounts {
                 tw: k1.tw.saturating_sub(k0.tw),
                 recycled: k1.recycled.saturating_sub(k0.recycled),
                 overflow: k1.overflow.saturating_sub(k0.overflow),
             },
-            OurCounts {
-                entered: o1.entered.saturating_sub(o0.entered),
-                expired: o1.expired.saturating_sub(o0.expired),
-                reused: o1.reused.saturating_sub(o0.reused),
-                overflow: o1.overflow.saturating_sub(o0.overflow),
-            },
-        ))
+            lo: o1.lo.less(o0.hi),
+            hi: o1.hi.less(o0.lo),
+        })
     }
 
     /// What this namespace's readings say about when the kernel counts, if they tell.
     pub fn counting(&self) -> Option<Counting> {
-        let (k, o) = self.deltas()?;
-        match (k.tw == o.entered, k.tw == o.expired) {
+        let d = self.deltas()?;
+        match (
+            d.ours(d.k.tw, |o| o.entered).1,
+            d.ours(d.k.tw, |o| o.expired).1,
+        ) {
             (true, false) => Some(Counting::AtStart),
             (false, true) => Some(Counting::AtExpiry),
             _ => None,
@@ -192,18 +221,18 @@ impl NetnsCheck {
 /// The comparisons for one namespace; `counting` is what the kernel is known to do (from any
 /// namespace's readings). None before a second reading.
 pub fn check(netns: u32, r: &NetnsReadings, counting: Option<Counting>) -> Option<NetnsCheck> {
-    let (k, o) = r.deltas()?;
+    let d = r.deltas()?;
     let counting = counting.or_else(|| r.counting());
-    let (ours, agrees) = match counting {
-        Some(Counting::AtStart) => (o.entered, k.tw == o.entered),
-        Some(Counting::AtExpiry) => (o.expired, k.tw == o.expired),
-        // Not told yet: the two are equal, or neither matches.
-        None => (o.entered, k.tw == o.entered || k.tw == o.expired),
+    let entered = d.ours(d.k.tw, |o| o.entered);
+    let expired = d.ours(d.k.tw, |o| o.expired);
+    let (tw_name, (ours, agrees)) = match counting {
+        Some(Counting::AtExpiry) => ("TW+TWKilled (expired)", expired),
+        Some(Counting::AtStart) => ("TW+TWKilled (entered)", entered),
+        // Not told yet: either may be what it counts.
+        None => ("TW+TWKilled (entered)", (entered.0, entered.1 || expired.1)),
     };
-    let tw_name = match counting {
-        Some(Counting::AtExpiry) => "TW+TWKilled (expired)",
-        _ => "TW+TWKilled (entered)",
-    };
+    let reused = d.ours(d.k.recycled, |o| o.reused);
+    let overflow = d.ours(d.k.overflow, |o| o.overflow);
     Some(NetnsCheck {
         netns,
         gone: false,
@@ -211,21 +240,21 @@ pub fn check(netns: u32, r: &NetnsReadings, counting: Option<Counting>) -> Optio
         checks: vec![
             Check {
                 counter: tw_name,
-                kernel: k.tw,
+                kernel: d.k.tw,
                 twtrace: ours,
                 agrees,
             },
             Check {
                 counter: "TWRecycled (reused)",
-                kernel: k.recycled,
-                twtrace: o.reused,
-                agrees: k.recycled == o.reused,
+                kernel: d.k.recycled,
+                twtrace: reused.0,
+                agrees: reused.1,
             },
             Check {
                 counter: "TCPTimeWaitOverflow (overflow)",
-                kernel: k.overflow,
-                twtrace: o.overflow,
-                agrees: k.overflow == o.overflow,
+                kernel: d.k.overflow,
+                twtrace: overflow.0,
+                agrees: overflow.1,
             },
         ],
     })
@@ -294,6 +323,25 @@ mod tests {
     }
 
     #[test]
+    fn what_happened_while_the_counters_were_read_may_be_in_them_or_not() {
+        let span = |lo, hi| OurSpan {
+            lo: o(lo, 0, 0, 0),
+            hi: o(hi, 0, 0, 0),
+        };
+        let mut r = NetnsReadings::default();
+        r.push(k(0, 0, 0), span(0, 0));
+        // One TIME_WAIT entered while the second reading was read: 2 or 3 both agree.
+        r.push(k(3, 0, 0), span(2, 3));
+        let c = check(1, &r, Some(Counting::AtStart)).unwrap();
+        assert!(c.agrees(), "{c:?}");
+        assert_eq!(c.checks[0].twtrace, 3);
+        r.push(k(4, 0, 0), span(2, 3));
+        let c = check(1, &r, Some(Counting::AtStart)).unwrap();
+        assert!(!c.agrees());
+        assert_eq!(c.checks[0].twtrace, 3);
+    }
+
+    #[test]
     fn counters_are_parsed_from_tcp_ext_and_a_missing_one_is_none() {
         let mut m: BTreeMap<String, u64> = [("TW", 5), ("TWKilled", 2), ("TWRecycled", 1)]
             .into_iter()
@@ -307,8 +355,8 @@ mod tests {
     #[test]
     fn a_kernel_counting_at_start_agrees_with_entered() {
         let mut r = NetnsReadings::default();
-        r.push(k(1000, 0, 0), o(0, 0, 0, 0));
-        r.push(k(1100, 2, 1), o(100, 30, 2, 1));
+        r.push_exact(k(1000, 0, 0), o(0, 0, 0, 0));
+        r.push_exact(k(1100, 2, 1), o(100, 30, 2, 1));
         assert_eq!(r.counting(), Some(Counting::AtStart));
         let c = check(7, &r, None).unwrap();
         assert!(c.agrees(), "{c:?}");
@@ -318,8 +366,8 @@ mod tests {
     #[test]
     fn a_kernel_counting_at_expiry_agrees_with_expired() {
         let mut r = NetnsReadings::default();
-        r.push(k(50, 0, 0), o(10, 0, 0, 0));
-        r.push(k(80, 0, 0), o(110, 30, 0, 0));
+        r.push_exact(k(50, 0, 0), o(10, 0, 0, 0));
+        r.push_exact(k(80, 0, 0), o(110, 30, 0, 0));
         assert_eq!(r.counting(), Some(Counting::AtExpiry));
         assert!(check(7, &r, None).unwrap().agrees());
     }
@@ -327,8 +375,8 @@ mod tests {
     #[test]
     fn a_difference_is_flagged_with_its_size() {
         let mut r = NetnsReadings::default();
-        r.push(k(0, 0, 0), o(0, 0, 0, 0));
-        r.push(k(100, 0, 4), o(97, 0, 0, 3));
+        r.push_exact(k(0, 0, 0), o(0, 0, 0, 0));
+        r.push_exact(k(100, 0, 4), o(97, 0, 0, 3));
         // Once the kernel is known to count at start, 97 is 3 short.
         let c = check(7, &r, Some(Counting::AtStart)).unwrap();
         assert!(!c.agrees());
@@ -346,7 +394,7 @@ mod tests {
     fn no_reading_compares_nothing_and_one_an_empty_span() {
         let mut r = NetnsReadings::default();
         assert_eq!(check(1, &r, None), None);
-        r.push(k(5, 0, 0), o(0, 0, 0, 0));
+        r.push_exact(k(5, 0, 0), o(0, 0, 0, 0));
         let c = check(1, &r, None).unwrap();
         // The first reading against itself: nothing changed, and that agrees.
         assert!(c.agrees());

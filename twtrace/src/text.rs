@@ -4,6 +4,16 @@
 
 use std::borrow::Cow;
 
+/// `n` and its noun, which agrees with it: "1 TIME_WAIT", "2 TIME_WAITs".
+pub fn count(n: u64, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
+/// `n` and the noun's form that agrees with it, for nouns not plural in -s.
+pub fn count_as(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// `s` with every control character (C0, DEL, C1) written as an escape (`\n`, `\t`, `\x1b`,
 /// `\u{9b}`). Idempotent, so a recording read back shows the same names: a backslash is left
 /// as it is (a name spelling `\x1b` looks like an escaped one, and is as harmless). Invalid

@@ -10,7 +10,7 @@ use twtrace::{
     event::Event,
     kernel::{hz, netns, settings},
     output::{TimeBase, json},
-    record::{Header, Recorder, Rotation},
+    record::{Header, Recorder, Rotation, Session},
     safe_file::Existing,
     source::LiveSource,
 };
@@ -44,7 +44,7 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
         degraded: source.degraded().to_vec(),
         ..Header::new(super::read_proc("/proc/sys/kernel/hostname"), hz)
     };
-    let mut rec = Recorder::create(
+    let rec = Recorder::create(
         &args.output,
         existing,
         header,
@@ -53,7 +53,9 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
             keep: args.keep,
         },
     )?;
-    let mut agg = Aggregator::new(MonotonicClock, hz);
+    // The aggregator sees every event written: the summary at the end, and what each rotated
+    // file restates at its top, come from it.
+    let mut rec = Session::new(rec, Aggregator::new(MonotonicClock, hz));
     eprintln!(
         "twtrace: recording TIME_WAIT to {}; Ctrl-C to stop",
         args.output.display()
@@ -62,7 +64,6 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
     // A frame a second: a crash loses at most the frame being built.
     let mut flush = tokio::time::interval(Duration::from_secs(1));
     let mut events = Vec::new();
-    let mut sink = Vec::new();
     let mut reported = Default::default();
     let mut cgroups = CgroupNames::default();
     let mut seen_cgroups = std::collections::HashSet::new();
@@ -71,7 +72,7 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
             r = source.read(&mut events) => r.context("reading kernel events")?,
             _ = flush.tick() => {
                 rec.flush()?;
-                source.tick(&mut agg);
+                source.tick(&mut rec.agg);
                 reported = warn_new_loss(source.loss(), &reported);
             }
             _ = stop.requested() => break,
@@ -81,34 +82,32 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
                 && seen_cgroups.insert(id)
                 && let Some(path) = cgroups.path(id)
             {
-                rec.push(&Event::Cgroup {
+                rec.push(Event::Cgroup {
                     ts_ns: e.ts_ns(),
                     id,
                     path: path.to_string(),
                 })?;
             }
-            rec.push(&e)?;
-            agg.ingest(e, &mut sink);
+            rec.push(e)?;
         }
-        sink.clear();
     }
     source.drain(&mut events);
     events.push(source.snapshot());
     for e in events.drain(..) {
-        rec.push(&e)?;
-        agg.ingest(e, &mut sink);
+        rec.push(e)?;
     }
-    rec.flush()?;
+    rec.rec.flush()?;
+    let agg = &rec.agg;
     let loss = source.loss();
     eprintln!(
         "twtrace: recorded {} events in {} bytes ({:.1} bytes/event) to {}",
-        rec.events,
-        rec.bytes,
-        rec.bytes as f64 / rec.events.max(1) as f64,
+        rec.rec.events,
+        rec.rec.bytes,
+        rec.rec.bytes as f64 / rec.rec.events.max(1) as f64,
         args.output.display()
     );
     summary(
-        &agg,
+        agg,
         &loss,
         source.decode_errors(),
         filters.whole_namespaces(),
@@ -119,7 +118,7 @@ pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
             out,
             "{}",
             json::summary(
-                &agg,
+                agg,
                 &loss,
                 source.decode_errors(),
                 filters.whole_namespaces()

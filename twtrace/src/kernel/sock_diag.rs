@@ -78,6 +78,7 @@ pub fn time_waits_in(path: &Path, netns: u32) -> io::Result<Vec<TwExisting>> {
                         cookie: m.cookie,
                         substate: Substate::from_tcp_state(m.state),
                         remaining_ms: m.expires_ms,
+                        seen: None,
                     }),
             );
         }
@@ -115,7 +116,10 @@ pub fn port_state_in(path: &Path, netns: u32, ts_ns: u64) -> io::Result<[Event; 
         let cookie = settings::netns_cookie();
         let s = settings::read()?;
         let counts = live_counts(&s, netns)?;
+        let clock = crate::aggregate::MonotonicClock;
+        let read_ns = crate::aggregate::Clock::now_ns(&clock);
         let counters = settings::time_wait_counters()?;
+        let until_ns = Some(crate::aggregate::Clock::now_ns(&clock));
         Ok([
             Event::Netns {
                 ts_ns,
@@ -123,9 +127,10 @@ pub fn port_state_in(path: &Path, netns: u32, ts_ns: u64) -> io::Result<[Event; 
                 cookie,
             },
             Event::KernelCounters {
-                ts_ns,
+                ts_ns: read_ns,
                 netns,
                 counters,
+                until_ns,
             },
             Event::Settings {
                 ts_ns,

@@ -130,6 +130,29 @@ pub struct Loss {
 }
 
 impl Loss {
+    /// What was lost after `base` (counts only grow while one tracer runs).
+    pub fn since(&self, base: &Loss) -> Loss {
+        Loss {
+            ringbuf_full: self.ringbuf_full.saturating_sub(base.ringbuf_full),
+            conn_map_fail: self.conn_map_fail.saturating_sub(base.conn_map_fail),
+            read_fail: self.read_fail.saturating_sub(base.read_fail),
+            recursion_misses: self.recursion_misses.saturating_sub(base.recursion_misses),
+            recursion_misses_by_program: self
+                .recursion_misses_by_program
+                .iter()
+                .map(|(p, &n)| {
+                    let b = base
+                        .recursion_misses_by_program
+                        .get(p)
+                        .copied()
+                        .unwrap_or(0);
+                    (p.clone(), n.saturating_sub(b))
+                })
+                .filter(|&(_, n)| n > 0)
+                .collect(),
+        }
+    }
+
     /// Nothing lost.
     pub fn is_zero(&self) -> bool {
         self.ringbuf_full == 0

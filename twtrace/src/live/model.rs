@@ -447,7 +447,7 @@ impl ViewState {
             netns: self.netns,
             settings,
             settings_fill,
-            loss: agg.loss().clone(),
+            loss: agg.loss(),
             ends_without_start: agg.ends_without_start(),
             alive,
             rates,

@@ -34,12 +34,12 @@ pub fn write_line(out: &mut String, rec: &Record, tb: &TimeBase) {
             pad_to(out, start + 12);
             let _ = write!(
                 out,
-                " {:<7} {:<16} {:<11} FAILED {what} {}, {} TIME_WAITs holding",
+                " {:<7} {:<16} {:<11} FAILED {what} {}, {} holding",
                 f.process.pid,
                 f.process.comm,
                 f.conn.netns,
                 Endpoint(addr, port),
-                r.time_wait_holding
+                crate::text::count(r.time_wait_holding.into(), "TIME_WAIT")
             );
             return;
         }

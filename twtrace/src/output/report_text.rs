@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use crate::{
     compare::{Comparison, Verdict},
     report::Report,
+    text::{count, count_as},
 };
 
 fn ms(v: Option<f64>) -> String {
@@ -17,19 +18,46 @@ fn ms(v: Option<f64>) -> String {
     })
 }
 
+/// An RFC 3339 time of a report as a person reads it: date, time and zone.
+fn when(rfc: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(rfc).map_or_else(
+        |_| rfc.to_string(),
+        |t| {
+            t.with_timezone(&chrono::Utc)
+                .format("%Y-%m-%d %H:%M:%S%.3f UTC")
+                .to_string()
+        },
+    )
+}
+
+/// Minute-of-day of a timeline row, with its date.
+fn bucket(rfc: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(rfc).map_or_else(
+        |_| rfc.to_string(),
+        |t| {
+            t.with_timezone(&chrono::Utc)
+                .format("%Y-%m-%d %H:%M UTC")
+                .to_string()
+        },
+    )
+}
+
+/// Timeline rows printed at most; the rest are in `--json`.
+const TIMELINE_ROWS: usize = 60;
+
 pub fn report(r: &Report) -> String {
     let mut o = String::new();
     let t = &r.totals;
     let _ = writeln!(o, "twtrace report: {}", r.files.join(", "));
     let _ = writeln!(
         o,
-        "host {} (kernel {}), {} .. {} ({:.1} s, {} events)",
+        "host {} (kernel {}), {} .. {} ({:.1} s, {})",
         r.hostname,
         r.kernel,
-        r.from.as_deref().unwrap_or("-"),
-        r.to.as_deref().unwrap_or("-"),
+        r.from.as_deref().map_or("-".into(), when),
+        r.to.as_deref().map_or("-".into(), when),
         r.span_s,
-        r.events
+        count(r.events, "event")
     );
     for d in &r.degraded {
         let _ = writeln!(o, "NOTE (recording kernel): {d}");
@@ -38,22 +66,53 @@ pub fn report(r: &Report) -> String {
         let _ = writeln!(o, "WARNING: {w}");
     }
     let _ = writeln!(o, "\nTIME_WAIT");
+    let mut start = Vec::new();
+    if t.preexisting > 0 {
+        start.push(format!("{} found at start", t.preexisting));
+    }
+    if t.carried > 0 {
+        start.push(format!("{} carried over from the file before", t.carried));
+    }
+    if r.alive_at_start > 0 {
+        start.push(format!("{} alive when the counts began", r.alive_at_start));
+    }
     let _ = writeln!(
         o,
-        "  entered {} ({} client, {} server), {} found at start; alive at peak {}, on average {:.0}",
-        t.entered, t.client, t.server, t.preexisting, r.alive_peak, r.alive_mean
+        "  {} entered ({} client, {} server){}; alive at peak {}, on average {:.0}, at the end {}",
+        count(t.entered, "TIME_WAIT"),
+        t.client,
+        t.server,
+        if start.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", start.join(", "))
+        },
+        r.alive_peak,
+        r.alive_mean,
+        r.alive_at_end
     );
-    if let Some(per) = r.time_waits_per_1000_closed {
-        let _ = writeln!(
-            o,
-            "  {per:.0} TIME_WAITs per 1000 connections closed ({} closed)",
-            r.connections_closed
-        );
+    match r.time_waits_per_1000_closed {
+        Some(per) => {
+            let _ = writeln!(
+                o,
+                "  {per:.0} TIME_WAITs per 1000 connections closed ({} closed)",
+                r.connections_closed
+            );
+        }
+        None if r.passive_closes.is_none() => {
+            let _ = writeln!(
+                o,
+                "  TIME_WAITs per 1000 connections closed: not known under these filters ({} closed first)",
+                r.connections_closed
+            );
+        }
+        None => {}
     }
     let l = &r.lifetime;
     let _ = writeln!(
         o,
-        "  lifetime: p50 {}  p90 {}  p99 {}  max {}  ({} ended)",
+        "  lifetime: mean {}  p50 {}  p90 {}  p99 {}  max {}  ({} ended)",
+        ms(l.mean_ms),
         ms(l.p50_ms),
         ms(l.p90_ms),
         ms(l.p99_ms),
@@ -77,6 +136,15 @@ pub fn report(r: &Report) -> String {
         "Failures: connect EADDRNOTAVAIL {} ({:.1}/min), bind EADDRINUSE {} ({:.1}/min)",
         f.connect_eaddrnotavail, f.connect_per_min, f.bind_eaddrinuse, f.bind_per_min
     );
+    if let (Some(a), Some(b)) = (&r.trouble_from, &r.trouble_to) {
+        let _ = writeln!(
+            o,
+            "Trouble (failed connects or binds, overflows): first {}, last {}",
+            when(a),
+            when(b)
+        );
+    }
+    timeline(&mut o, r);
     if !r.processes.is_empty() {
         let _ = writeln!(
             o,
@@ -131,6 +199,45 @@ pub fn report(r: &Report) -> String {
             );
         }
     }
+    if !r.pressure_peaks.is_empty() {
+        let _ = writeln!(o, "\nPORT PRESSURE PEAKS");
+        for p in &r.pressure_peaks {
+            let q = &p.pressure;
+            let _ = writeln!(
+                o,
+                "  {} netns {} {} -> {}:{}: {}/{} ports held ({:.1}%: {} in TIME_WAIT, {} live)",
+                when(&p.at),
+                q.dest.netns,
+                q.dest.laddr,
+                q.dest.raddr,
+                q.dest.rport,
+                q.held,
+                q.usable,
+                q.percent,
+                q.time_wait,
+                q.live
+            );
+        }
+    }
+    if !r.settings.is_empty() {
+        let _ = writeln!(o, "\nSETTINGS (last read in each namespace)");
+        for (ns, s) in &r.settings {
+            let _ = writeln!(
+                o,
+                "  netns {ns}: tcp_tw_reuse {}{}, tcp_max_tw_buckets {}, ip_local_port_range {}-{} ({} usable), tcp_fin_timeout {}, tcp_timestamps {}, tcp_rfc1337 {}",
+                s.tcp_tw_reuse,
+                s.tcp_tw_reuse_delay_ms
+                    .map_or(String::new(), |d| format!(" (delay {d} ms)")),
+                s.tcp_max_tw_buckets,
+                s.port_range.0,
+                s.port_range.1,
+                s.usable_ports(),
+                s.tcp_fin_timeout,
+                s.tcp_timestamps,
+                s.tcp_rfc1337
+            );
+        }
+    }
     if !r.advice.is_empty() {
         let _ = writeln!(o, "\nADVICE");
         for a in &r.advice {
@@ -140,12 +247,12 @@ pub fn report(r: &Report) -> String {
     let loss = &r.loss;
     let _ = writeln!(
         o,
-        "\nLost while recording: {} events (ring buffer full), {} recursion misses; {} TIME_WAIT starts recovered by the sweep, {} ends never seen starting, {} TIME_WAITs whose end was never seen",
-        loss.ringbuf_full,
-        loss.recursion_misses,
-        t.recovered,
-        r.ends_without_start,
-        t.overdue_dropped
+        "\nLost while recording: {} (ring buffer full), {}; {} recovered by the sweep, {} never seen starting, {} whose end was never seen",
+        count(loss.ringbuf_full, "event"),
+        count_as(loss.recursion_misses, "recursion miss", "recursion misses"),
+        count(t.recovered, "TIME_WAIT start"),
+        count(r.ends_without_start, "end"),
+        count(t.overdue_dropped, "TIME_WAIT")
     );
     let _ = writeln!(
         o,
@@ -172,6 +279,52 @@ pub fn report(r: &Report) -> String {
         }
     }
     o
+}
+
+/// The timeline: a row per bucket with something in it.
+fn timeline(o: &mut String, r: &Report) {
+    if r.timeline.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\nTIMELINE (per {})\n  {:<22} {:>9} {:>9} {:>9} {:>9}",
+        if r.timeline_bucket_s == 60 {
+            "minute".to_string()
+        } else {
+            format!("{} s", r.timeline_bucket_s)
+        },
+        "FROM",
+        "ENTERED",
+        "CONNECT",
+        "BIND",
+        "OVERFLOW"
+    );
+    let rows = &r.timeline;
+    let half = TIMELINE_ROWS / 2;
+    for (i, row) in rows.iter().enumerate() {
+        if rows.len() > TIMELINE_ROWS && i == half {
+            let _ = writeln!(
+                o,
+                "  ... {} more (--json has them all)",
+                rows.len() - TIMELINE_ROWS
+            );
+        }
+        if rows.len() > TIMELINE_ROWS && i >= half && i < rows.len() - half {
+            continue;
+        }
+        let c = &row.counts;
+        let _ = writeln!(
+            o,
+            "  {:<22} {:>9} {:>9} {:>9} {:>9}{}",
+            bucket(&row.start),
+            c.entered,
+            c.connect_failures,
+            c.bind_failures,
+            c.overflows,
+            if c.trouble() { "  <-" } else { "" }
+        );
+    }
 }
 
 fn num(v: Option<f64>) -> String {

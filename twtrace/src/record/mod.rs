@@ -20,6 +20,7 @@
 
 mod parse;
 pub mod reader;
+pub mod session;
 mod split;
 pub mod writer;
 
@@ -33,6 +34,7 @@ use crate::{
 };
 
 pub use reader::Reader;
+pub use session::Session;
 pub use writer::{Recorder, Rotation};
 
 pub const FORMAT: &str = "twtrace-trace";
@@ -77,6 +79,56 @@ pub struct Header {
     /// What the recording kernel could not show, one line each (`twtrace check`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub degraded: Vec<String>,
+    /// Which recording this file belongs to and where in its rotation. Absent in recordings
+    /// made before rotations restated their state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<Chain>,
+}
+
+/// A file's place in one `record` run: every file of a rotation has the same `recording`,
+/// and `sequence` counts them from 0, so files out of order, or one missing, are seen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chain {
+    /// Random, 16 hex digits.
+    pub recording: String,
+    pub sequence: u64,
+    /// For a file a rotation began: what it carries over from the files before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried: Option<Carried>,
+}
+
+/// The state of a recording when a rotation began a file. The TIME_WAITs alive then follow
+/// the header as `tw_existing` events (with `seen`); these are the running counts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Carried {
+    pub ts_ns: u64,
+    /// TIME_WAITs restated after the header.
+    pub alive: u64,
+    /// What the files before this one counted.
+    pub totals: crate::aggregate::Totals,
+    /// Cumulative since the recording began (as snapshots carry them): a report that starts
+    /// at this file counts from these.
+    pub passive_closes: Vec<(u32, u64)>,
+    pub loss: crate::kernel::tracer::Loss,
+}
+
+impl Chain {
+    /// The first file of a new recording.
+    pub fn first() -> Self {
+        let mut id = [0u8; 8];
+        // A clock-based id if getrandom fails: only distinctness matters.
+        if rustix::rand::getrandom(&mut id, rustix::rand::GetRandomFlags::empty()).is_err() {
+            let ns = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            id = (ns ^ u64::from(std::process::id()) << 40).to_le_bytes();
+        }
+        Self {
+            recording: id.iter().map(|b| format!("{b:02x}")).collect(),
+            sequence: 0,
+            carried: None,
+        }
+    }
 }
 
 impl Header {
@@ -96,6 +148,7 @@ impl Header {
             clock_offset_ns: 0,
             settings: Default::default(),
             degraded: Vec::new(),
+            chain: None,
         }
     }
 }
@@ -169,5 +222,7 @@ impl Frames for InMemory {
     }
 }
 
+#[cfg(test)]
+mod rotation_tests;
 #[cfg(test)]
 mod tests;

@@ -100,7 +100,19 @@ fn round_trip_and_permissions() {
     let p = tmp("rt.twt");
     let written = write(&p, 3);
     let t = read(&p).unwrap();
-    assert_eq!(t.header, header());
+    let chain = t
+        .header
+        .chain
+        .clone()
+        .expect("a new recording has its place in a rotation");
+    assert_eq!((chain.sequence, chain.recording.len()), (0, 16));
+    assert_eq!(
+        t.header,
+        Header {
+            chain: Some(chain),
+            ..header()
+        }
+    );
     assert_eq!(t.events, written);
     assert!(t.warnings.is_empty());
     use std::os::unix::fs::PermissionsExt;
@@ -185,7 +197,7 @@ fn two_recordings_one_after_the_other_are_refused_in_one_line() {
 #[test]
 fn rotation_keeps_n_files_each_with_a_header() {
     let p = tmp("rot.twt");
-    let mut r = Recorder::create(
+    let r = Recorder::create(
         &p,
         Existing::Refuse,
         header(),
@@ -195,8 +207,10 @@ fn rotation_keeps_n_files_each_with_a_header() {
         },
     )
     .unwrap();
+    let clock = crate::aggregate::ReplayClock::default();
+    let mut r = Session::new(r, crate::aggregate::Aggregator::new(clock, 250));
     for s in 0..5u64 {
-        r.push(&enter(TwKey::Cookie(s + 1), s, Substate::TimeWait))
+        r.push(enter(TwKey::Cookie(s + 1), s, Substate::TimeWait))
             .unwrap();
         r.flush().unwrap();
     }
@@ -391,6 +405,7 @@ fn a_scan_larger_than_a_frame_is_written_in_parts_and_read_back_whole() {
         conn: crate::aggregate::tests::alive_tw(TwKey::Cookie(1)).conn,
         substate: Substate::TimeWait,
         remaining_ms: 30_000,
+        seen: None,
     };
     // 200,000 TIME_WAITs at start: 30 MB of JSON in one event.
     let sockets: Vec<_> = (1..=200_000u64)

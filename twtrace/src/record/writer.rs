@@ -7,9 +7,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{FRAME_TARGET_BYTES, FRAME_TARGET_LINES, Header, LEVEL, RecordError, io_err};
+use super::{
+    Carried, Chain, FRAME_TARGET_BYTES, FRAME_TARGET_LINES, Header, LEVEL, RecordError, io_err,
+};
 use crate::{
-    event::Event,
+    event::{Event, TwExisting},
     safe_file::{Existing, Owner, Target},
 };
 
@@ -34,6 +36,9 @@ pub struct Recorder {
     header: Header,
     file: File,
     written: u64,
+    /// Bytes of events written to this file (its header and restatement left out): a file
+    /// is rotated only once it holds some, however small `--max-size`.
+    body: u64,
     buf: Vec<u8>,
     /// Lines in `buf`.
     lines: usize,
@@ -57,9 +62,10 @@ impl Recorder {
     pub fn create(
         path: &Path,
         existing: Existing,
-        header: Header,
+        mut header: Header,
         rotation: Rotation,
     ) -> Result<Self, RecordError> {
+        header.chain.get_or_insert_with(Chain::first);
         let owner = sudo_owner();
         let target = Target::new(path)?;
         let mut compressor = zstd::bulk::Compressor::new(LEVEL).map_err(io_err(path))?;
@@ -72,6 +78,7 @@ impl Recorder {
             target,
             header,
             written: 0,
+            body: 0,
             buf: Vec::with_capacity(1 << 20),
             lines: 0,
             compressor,
@@ -133,26 +140,51 @@ impl Recorder {
         Ok(())
     }
 
-    /// Writes what was pushed since the last flush as one frame; rotates if due.
+    /// Writes what was pushed since the last flush as one frame. It never rotates: a new
+    /// file must restate what the events so far left alive, which [`super::Session`] knows.
     pub fn flush(&mut self) -> Result<(), RecordError> {
         if self.buf.is_empty() {
             return Ok(());
         }
         let buf = std::mem::take(&mut self.buf);
         self.write_frame(&buf)?;
+        self.body += buf.len() as u64;
         self.buf = buf;
         self.buf.clear();
         self.lines = 0;
-        if self.rotation.max_bytes > 0 && self.written >= self.rotation.max_bytes {
-            self.rotate()?;
-        }
         Ok(())
     }
 
-    fn rotate(&mut self) -> Result<(), RecordError> {
+    /// Whether the current file has reached `--max-size`.
+    pub fn rotation_due(&self) -> bool {
+        self.rotation.max_bytes > 0 && self.written >= self.rotation.max_bytes && self.body > 0
+    }
+
+    /// Starts the next file: the header, with its place in the rotation and `carried`, then
+    /// the TIME_WAITs `alive` at this moment (in parts, as a start-up scan), so that this
+    /// file and those after it report right without the ones before.
+    pub fn rotate(&mut self, carried: Carried, alive: Vec<TwExisting>) -> Result<(), RecordError> {
+        self.flush()?;
         self.file = self.target.rotate(self.rotation.keep, self.owner)?;
         self.written = 0;
-        self.write_header()
+        let ts_ns = carried.ts_ns;
+        let chain = self.header.chain.get_or_insert_with(Chain::first);
+        chain.sequence += 1;
+        chain.carried = Some(carried);
+        self.write_header()?;
+        self.push(&Event::TwExisting {
+            ts_ns,
+            sockets: alive,
+            more: false,
+        })?;
+        self.flush()?;
+        self.body = 0;
+        Ok(())
+    }
+
+    /// This file's header as written.
+    pub fn header(&self) -> &Header {
+        &self.header
     }
 }
 
