@@ -4,6 +4,7 @@ pub mod btf;
 pub mod capability;
 pub mod kallsyms;
 pub mod netns;
+pub mod pidns;
 pub mod privilege;
 pub mod settings;
 pub mod sock_diag;
