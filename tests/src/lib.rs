@@ -57,7 +57,8 @@ pub fn twtrace_bin() -> PathBuf {
     bin("TWTRACE_BIN", "twtrace")
 }
 
-fn twload_bin() -> String {
+/// The twload binary under test.
+pub fn twload_bin() -> String {
     bin("TWLOAD_BIN", "twload").display().to_string()
 }
 

@@ -988,23 +988,26 @@ fn inside_a_pid_namespace_pids_are_its_own_and_twtrace_hides_itself() {
     // a `serve` whose HTTP connections leave TIME_WAITs of its own, and `trace -p` of the
     // server by its pid in that namespace. trace is the namespace's init: when it ends,
     // everything in it ends.
+    // Real iproute2 and util-linux by path: a guest's busybox sh prefers its own applets.
+    let real = |name: &str| {
+        ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .map(|d| format!("{d}/{name}"))
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or_else(|| name.to_string())
+    };
     let script = format!(
-        "ip netns exec {ns} \"$TWLOAD\" server-first-on-input 127.0.0.1:8080 <{fifo} &
+        "TWLOAD=$1; shift
+         {ip} netns exec {ns} \"$TWLOAD\" server-first-on-input 127.0.0.1:8080 <{fifo} &
          LOAD=$!
-         ip netns exec {ns} \"$1\" serve --listen {listen} --netns {ns} 2>{serve_err} &
+         {ip} netns exec {ns} \"$1\" serve --listen {listen} --netns {ns} 2>{serve_err} &
          exec \"$@\" -p \"$LOAD\" --duration 90",
+        ip = real("ip"),
         ns = netns.name
     );
-    let twload = std::env::var("TWLOAD_BIN").unwrap_or_else(|_| {
-        twtrace_integration::twtrace_bin()
-            .with_file_name("twload")
-            .display()
-            .to_string()
-    });
+    let twload = twtrace_integration::twload_bin();
     let wrapper: Vec<String> = [
-        "env",
-        &format!("TWLOAD={twload}"),
-        "unshare",
+        real("unshare").as_str(),
         "--pid",
         "--fork",
         "--mount-proc",
@@ -1013,6 +1016,7 @@ fn inside_a_pid_namespace_pids_are_its_own_and_twtrace_hides_itself() {
         "-c",
         &script,
         "sh",
+        &twload,
     ]
     .iter()
     .map(|s| s.to_string())

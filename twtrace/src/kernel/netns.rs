@@ -23,7 +23,7 @@ pub enum NetnsError {
 
 /// `ioctl(NS_GET_NSTYPE)` (linux/nsfs.h, `_IO(0xb7, 0x3)`, Linux 4.11): the kind of a
 /// namespace file.
-const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
 
 /// A network namespace and a path that opens it.
 #[derive(Clone, Debug, PartialEq, Eq)]
