@@ -1066,7 +1066,7 @@ fn inside_a_pid_namespace_pids_are_its_own_and_twtrace_hides_itself() {
 
     // Ending serve and the namespace purges the load's TIME_WAIT: trace shows it, the closer
     // named by its pid in twtrace's namespace, the host pid beside it.
-    for p in ns::pids_with_args(&["serve", "--listen", listen]) {
+    for p in ns::pids_with_args(&["serve", "--listen", listen, &netns.name]) {
         unsafe { libc::kill(p as i32, libc::SIGTERM) };
     }
     netns.delete();
