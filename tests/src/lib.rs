@@ -16,6 +16,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod ns;
+
 /// Root integration tests need root, iproute2 and BTF; without them they say why and pass,
 /// except where `TWTRACE_TESTS_REQUIRED` is set (`cargo xtask test`, CI): there a test that
 /// cannot run fails.
@@ -62,7 +64,8 @@ pub fn twtrace_bin() -> PathBuf {
     bin("TWTRACE_BIN", "twtrace")
 }
 
-fn twload_bin() -> String {
+/// The twload binary under test.
+pub fn twload_bin() -> String {
     bin("TWLOAD_BIN", "twload").display().to_string()
 }
 
@@ -250,6 +253,23 @@ impl Trace {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// The pid of the process started: twtrace, or its wrapper.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for it to end by itself (exit status 0); all records and stderr.
+    pub fn wait_exit(mut self) -> (Vec<Value>, String) {
+        let status = self.child.wait().expect("wait twtrace");
+        thread::sleep(Duration::from_millis(100));
+        assert!(
+            status.success(),
+            "twtrace failed: {status}: {}",
+            self.stderr()
+        );
+        (self.records(), self.stderr())
+    }
+
     /// Sends a signal to twtrace (SIGSTOP/SIGCONT pause its reader; the kernel programs run on).
     pub fn signal(&self, sig: i32) {
         unsafe { libc::kill(self.child.id() as i32, sig) };
@@ -375,6 +395,16 @@ pub fn count_all_time_waits(netns: &Netns) -> usize {
 
 /// TIME_WAIT sockets in `netns` towards remote port `rport`, as `ss` counts them.
 pub fn count_time_waits(netns: &Netns, rport: u16) -> usize {
+    time_waits_where(netns, 3, rport)
+}
+
+/// TIME_WAIT sockets in `netns` on local port `lport` (those of a server that closed first).
+pub fn count_time_waits_local(netns: &Netns, lport: u16) -> usize {
+    time_waits_where(netns, 2, lport)
+}
+
+/// TIME_WAITs whose `ss` column `col` (2: local, 3: peer) ends in `:port`.
+fn time_waits_where(netns: &Netns, col: usize, port: u16) -> usize {
     run(
         "ip",
         &[
@@ -390,8 +420,8 @@ pub fn count_time_waits(netns: &Netns, rport: u16) -> usize {
     .lines()
     .filter(|l| {
         l.split_whitespace()
-            .nth(3)
-            .is_some_and(|r| r.ends_with(&format!(":{rport}")))
+            .nth(col)
+            .is_some_and(|r| r.ends_with(&format!(":{port}")))
     })
     .count()
 }

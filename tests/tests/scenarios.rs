@@ -1076,3 +1076,134 @@ fn sweep_is_degraded() -> bool {
             c["name"].as_str().is_some_and(|n| n.starts_with("sweep")) && c["status"] == "degraded"
         })
 }
+
+/// Counts the series of `metric` whose labels include each of `labels`, and their sum.
+fn series(text: &str, metric: &str, labels: &[&str]) -> (usize, f64) {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold((0, 0.0), |(n, s), v| (n + 1, s + v))
+}
+
+#[test]
+fn inside_a_pid_namespace_pids_are_its_own_and_twtrace_hides_itself() {
+    use twtrace_integration::ns;
+    if !can_run() {
+        return;
+    }
+    let mut netns = Netns::new("pidns");
+    let fifo = format!("/tmp/twtrace-it-{}-pidns.fifo", std::process::id());
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.clone()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    // Read-write: opening never blocks, and twload's read waits for our line.
+    let mut go = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let serve_err = format!("/tmp/twtrace-it-{}-pidns.serve", std::process::id());
+    let listen = "127.0.0.1:9100";
+    // In a new pid namespace (with its own /proc): a server that closes first once told to,
+    // a `serve` whose HTTP connections leave TIME_WAITs of its own, and `trace -p` of the
+    // server by its pid in that namespace. trace is the namespace's init: when it ends,
+    // everything in it ends.
+    // Real iproute2 and util-linux by path: a guest's busybox sh prefers its own applets.
+    let real = |name: &str| {
+        ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .map(|d| format!("{d}/{name}"))
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or_else(|| name.to_string())
+    };
+    let script = format!(
+        "TWLOAD=$1; shift
+         {ip} netns exec {ns} \"$TWLOAD\" server-first-on-input 127.0.0.1:8080 <{fifo} &
+         LOAD=$!
+         {ip} netns exec {ns} \"$1\" serve --listen {listen} --netns {ns} 2>{serve_err} &
+         exec \"$@\" -p \"$LOAD\" --duration 90",
+        ip = real("ip"),
+        ns = netns.name
+    );
+    let twload = twtrace_integration::twload_bin();
+    let wrapper: Vec<String> = [
+        real("unshare").as_str(),
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+        &twload,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let t = Trace::start_wrapped(&wrapper, &netns, &[]);
+    let serving = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&serve_err).is_ok_and(|s| s.contains("serving metrics on")) {
+        assert!(std::time::Instant::now() < serving, "serve not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let recs = t.wait_for("twload's report", WAIT, |r| {
+        r.iter().any(|v| v.get("client_port").is_some())
+    });
+    let load = recs
+        .iter()
+        .find(|v| v.get("client_port").is_some())
+        .unwrap();
+    let ns_pid = pid(load);
+    // The load's host pid, found from outside: its NSpid ends with the pid it reported.
+    let host_pid = ns::pids_with_args(&["server-first-on-input"])
+        .into_iter()
+        .find(|&p| ns::ns_pids(p).last() == Some(&(ns_pid as u32)) && ns::ns_pids(p).len() > 1)
+        .expect("the load's host pid");
+    assert_ne!(u64::from(host_pid), ns_pid);
+    std::io::Write::write_all(&mut go, b"\n").unwrap();
+
+    // twtrace's own HTTP connections: its server closes first (HTTP/1.0), so each leaves a
+    // TIME_WAIT of twtrace's, which it must not count; the load's it must.
+    let scrape = move || twtrace_integration::http_get(listen, "/metrics").unwrap();
+    for _ in 0..4 {
+        ns::in_netns(&netns, scrape);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let text = ns::in_netns(&netns, scrape);
+    let own = twtrace_integration::count_time_waits_local(&netns, 9100);
+    assert!(
+        own >= 4,
+        "twtrace's server closed first: {own} TIME_WAITs on :9100"
+    );
+    let entered = "twtrace_time_wait_entered_total";
+    assert_eq!(series(&text, entered, &["comm=\"twtrace\""]).0, 0, "{text}");
+    assert_eq!(
+        series(&text, entered, &["role=\"server\"", "comm=\"twload\""]).1,
+        1.0,
+        "{text}"
+    );
+
+    // Ending serve and the namespace purges the load's TIME_WAIT: trace shows it, the closer
+    // named by its pid in twtrace's namespace, the host pid beside it.
+    for p in ns::pids_with_args(&["serve", "--listen", listen, &netns.name]) {
+        unsafe { libc::kill(p as i32, libc::SIGTERM) };
+    }
+    netns.delete();
+    let r = one_time_wait(&t, port(load), WAIT);
+    assert_eq!(r["pid"].as_u64(), Some(ns_pid), "{r}");
+    assert_eq!(r["host_pid"].as_u64(), Some(u64::from(host_pid)), "{r}");
+    assert_eq!(r["comm"], "twload", "{r}");
+    assert_eq!(r["lport"], 8080, "{r}");
+    let tracer = ns::children(t.pid())
+        .into_iter()
+        .next()
+        .expect("trace's host pid");
+    unsafe { libc::kill(tracer as i32, libc::SIGINT) };
+    let (recs, stderr) = t.wait_exit();
+    let tws = recs.iter().filter(|v| v["type"] == "time_wait").count();
+    assert_eq!(tws, 1, "-p keeps only the load's: {recs:#?} {stderr}");
+    let _ = std::fs::remove_file(&fifo);
+    let _ = std::fs::remove_file(&serve_err);
+}

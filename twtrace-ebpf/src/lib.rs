@@ -142,12 +142,14 @@ pub struct EventHeader {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Task {
-    /// Process id (kernel tgid); 0 when unknown.
+    /// Process id (kernel tgid) in twtrace's pid namespace; 0 when unknown or when the task
+    /// has none there.
     pub pid: u32,
-    /// Thread id (kernel pid).
+    /// Thread id (kernel pid) in twtrace's pid namespace; 0 likewise.
     pub tid: u32,
     pub uid: u32,
-    pub _pad: u32,
+    /// Process id in the initial pid namespace; 0 when unknown.
+    pub host_pid: u32,
     /// cgroup v2 id of the task; 0 when unknown.
     pub cgroup: u64,
     pub comm: [u8; COMM_LEN],
@@ -334,7 +336,7 @@ pub struct Config {
     pub filter: Filter,
     /// Wake the reader once this many bytes are waiting in the ring buffer.
     pub wakeup_bytes: u64,
-    /// twtrace's own process id, whose activity is ignored.
+    /// twtrace's own process id in its pid namespace, whose activity is ignored.
     pub self_pid: u32,
     /// Non-zero: emit aya-log diagnostics.
     pub verbose: u32,
@@ -344,6 +346,10 @@ pub struct Config {
     /// How much `net_tw_refcount` counts beyond the live TIME_WAITs: 1 for the `refcount_t`
     /// `tw_refcount` (5.17 on), 0 for the `atomic_t` `tw_count` before it.
     pub tw_count_bias: u32,
+    /// twtrace's pid namespace (device and inode of its nsfs file), in which pids are
+    /// reported and filtered; both 0 when it is the initial namespace.
+    pub pidns_dev: u64,
+    pub pidns_ino: u64,
 }
 
 /// `Config::features`.

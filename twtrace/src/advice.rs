@@ -300,6 +300,7 @@ mod tests {
                 process: Process {
                     pid: 42,
                     tid: 42,
+                    host_pid: None,
                     uid: 0,
                     comm: "app".into(),
                     cgroup_id: 0,

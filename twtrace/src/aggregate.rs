@@ -1179,6 +1179,7 @@ pub(crate) mod tests {
         Process {
             pid,
             tid: pid,
+            host_pid: None,
             uid: 0,
             comm: comm.into(),
             cgroup_id: 0,

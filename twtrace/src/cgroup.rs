@@ -1,5 +1,7 @@
-//! cgroup v2 ids -> paths. A cgroup's id is the inode number of its directory, so the path is
-//! found by walking /sys/fs/cgroup; results are cached and the walk is rate-limited.
+//! cgroup v2 ids -> paths. A cgroup's id is the inode number of its directory in the unified
+//! (v2) hierarchy, so the path is found by walking that hierarchy's mount, and only that one:
+//! on a hybrid host the v1 hierarchies are mounted beside it, and every hierarchy's root is
+//! inode 1 too. Results are cached and the walk is rate-limited.
 
 use std::{
     collections::HashMap,
@@ -9,40 +11,57 @@ use std::{
     time::{Duration, Instant},
 };
 
-const ROOT: &str = "/sys/fs/cgroup";
+const MOUNTINFO: &str = "/proc/self/mountinfo";
 const RESCAN_EVERY: Duration = Duration::from_secs(2);
 const MAX_DIRS: usize = 100_000;
+/// Paths longer than this (in characters) are cut: they come from the traced system.
+const MAX_PATH_CHARS: usize = 512;
 
 pub struct CgroupNames {
-    root: PathBuf,
+    /// The cgroup2 mount point, and the path of its root within the hierarchy ("/" unless a
+    /// subtree is mounted, as in a container's cgroup namespace). `None`: no cgroup2 mount
+    /// (a pure v1 host), so every cgroup is unknown.
+    mount: Option<(PathBuf, String)>,
     by_id: HashMap<u64, String>,
     last_scan: Option<Instant>,
 }
 
 impl Default for CgroupNames {
+    /// The unified hierarchy as mounted in twtrace's mount namespace.
     fn default() -> Self {
-        Self::with_root(Path::new(ROOT))
+        let mount = fs::read_to_string(MOUNTINFO)
+            .ok()
+            .and_then(|m| cgroup2_mount(&m));
+        if mount.is_none() {
+            log::info!("no cgroup2 mount in {MOUNTINFO}: cgroups are shown as unknown");
+        }
+        Self {
+            mount,
+            by_id: HashMap::new(),
+            last_scan: None,
+        }
     }
 }
 
 impl CgroupNames {
+    /// A hierarchy mounted at `root`.
     pub fn with_root(root: &Path) -> Self {
         Self {
-            root: root.to_path_buf(),
+            mount: Some((root.to_path_buf(), "/".into())),
             by_id: HashMap::new(),
             last_scan: None,
         }
     }
 
-    /// The container or unit of cgroup `id` if its path shows one, else its path.
+    /// The name every view shows for cgroup `id` (see [`name`]); `None` when unknown.
     pub fn display(&mut self, id: u64) -> Option<String> {
-        let path = self.path(id)?;
-        Some(container_of(path).unwrap_or_else(|| path.to_string()))
+        self.path(id).map(name)
     }
 
-    /// The path of cgroup `id` below the cgroup root ("/system.slice/nginx.service"), if known.
+    /// The path of cgroup `id` in the unified hierarchy ("/system.slice/nginx.service"), if
+    /// known. Printable and bounded.
     pub fn path(&mut self, id: u64) -> Option<&str> {
-        if id == 0 {
+        if id == 0 || self.mount.is_none() {
             return None;
         }
         if !self.by_id.contains_key(&id)
@@ -55,19 +74,34 @@ impl CgroupNames {
 
     fn scan(&mut self) {
         self.last_scan = Some(Instant::now());
-        let mut stack = vec![self.root.clone()];
+        let Some((root, prefix)) = &self.mount else {
+            return;
+        };
+        // Only directories of the hierarchy itself: nothing mounted inside it.
+        let Ok(dev) = fs::symlink_metadata(root).map(|m| m.dev()) else {
+            return;
+        };
+        let mut stack = vec![root.clone()];
         let mut seen = 0;
         while let Some(dir) = stack.pop() {
             seen += 1;
             if seen > MAX_DIRS {
                 break;
             }
-            let Ok(meta) = fs::metadata(&dir) else {
+            let Ok(meta) = fs::symlink_metadata(&dir) else {
                 continue;
             };
-            let rel = dir.strip_prefix(&self.root).unwrap_or(Path::new(""));
-            let path = crate::text::printable_bytes(rel.as_os_str().as_encoded_bytes());
-            self.by_id.insert(meta.ino(), format!("/{path}"));
+            if !meta.is_dir() || meta.dev() != dev {
+                continue;
+            }
+            let rel = dir.strip_prefix(root).unwrap_or(Path::new(""));
+            let rel = String::from_utf8_lossy(rel.as_os_str().as_encoded_bytes());
+            let path = match (prefix.trim_end_matches('/'), rel.is_empty()) {
+                ("", true) => "/".to_string(),
+                (p, true) => p.to_string(),
+                (p, false) => format!("{p}/{rel}"),
+            };
+            self.by_id.insert(meta.ino(), bounded(&path));
             if let Ok(rd) = fs::read_dir(&dir) {
                 stack.extend(
                     rd.flatten()
@@ -77,6 +111,62 @@ impl CgroupNames {
             }
         }
     }
+}
+
+/// `path` made printable and cut to [`MAX_PATH_CHARS`].
+fn bounded(path: &str) -> String {
+    let p = crate::text::printable(path);
+    if p.chars().count() <= MAX_PATH_CHARS {
+        return p.into_owned();
+    }
+    let mut cut: String = p.chars().take(MAX_PATH_CHARS - 1).collect();
+    cut.push('…');
+    cut
+}
+
+/// The cgroup2 mount in a mountinfo table (proc(5)): its mount point and the root of the
+/// hierarchy it shows. The first one when there are several.
+pub fn cgroup2_mount(mountinfo: &str) -> Option<(PathBuf, String)> {
+    mountinfo.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        if after.split(' ').next()? != "cgroup2" {
+            return None;
+        }
+        let mut f = before.split(' ');
+        let root = unescape(f.nth(3)?);
+        let point = unescape(f.next()?);
+        Some((PathBuf::from(point), root))
+    })
+}
+
+/// mountinfo's octal escapes (`\040` for a space, `\134` for a backslash).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match oct {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The one name every view and output gives a cgroup (trace's `container`, the live view's
+/// CGROUP column, reports, metric labels): its container or unit when the path shows one
+/// ([`container_of`]), else the path itself.
+pub fn name(path: &str) -> String {
+    container_of(path).unwrap_or_else(|| path.to_string())
 }
 
 /// A short container or unit name for a cgroup path, when the path shows one:
@@ -185,6 +275,44 @@ mod tests {
         let mut names = CgroupNames::with_root(&dir);
         assert_eq!(names.path(id), Some("/system.slice/web.service"));
         assert_eq!(names.path(0), None);
+        assert_eq!(names.display(id).as_deref(), Some("web.service"));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn finds_the_unified_hierarchy_among_v1_ones() {
+        let hybrid = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            cgroup2_mount(hybrid),
+            Some((PathBuf::from("/sys/fs/cgroup/unified"), "/".into()))
+        );
+        let container = "50 40 0:27 /kubepods/pod1 /sys/fs/cgroup\\040x ro - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount(container),
+            Some((PathBuf::from("/sys/fs/cgroup x"), "/kubepods/pod1".into()))
+        );
+        let v1_only = "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        assert_eq!(cgroup2_mount(v1_only), None);
+        let mut none = CgroupNames {
+            mount: None,
+            by_id: HashMap::new(),
+            last_scan: None,
+        };
+        assert_eq!(none.path(1), None);
+    }
+
+    #[test]
+    fn one_name_for_every_view_and_bounded_paths() {
+        assert_eq!(name("/system.slice/nginx.service"), "nginx.service");
+        assert_eq!(name("/twtrace-test/leaf"), "/twtrace-test/leaf");
+        assert_eq!(name("/"), "/");
+        let long = format!("/{}", "a".repeat(2000));
+        assert_eq!(bounded(&long).chars().count(), MAX_PATH_CHARS);
+        assert_eq!(bounded("/a\x1b[2J"), "/a\\x1b[2J");
     }
 }

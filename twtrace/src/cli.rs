@@ -316,7 +316,9 @@ pub fn parse_offset(s: &str) -> Option<u64> {
 
 #[derive(Debug, Args, Default)]
 pub struct FilterArgs {
-    /// Only TIME_WAITs whose closing process has this pid.
+    /// Only TIME_WAITs whose closing process has this pid, as seen in twtrace's pid
+    /// namespace (inside a container, the container's pid). A pid no process has is a
+    /// warning.
     #[arg(short = 'p', long)]
     pub pid: Option<u32>,
     /// Only TIME_WAITs whose closing task has this command name (exact, as in /proc/PID/comm).
@@ -335,7 +337,8 @@ pub struct FilterArgs {
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
     /// Only this network namespace: inode number, `ip netns` name, or nsfs path.
-    /// Default: every namespace.
+    /// Default: every namespace. An inode no namespace has now is a warning; a file that is
+    /// not a network namespace, an error.
     #[arg(long)]
     pub netns: Option<String>,
 }

@@ -173,6 +173,7 @@ pub(crate) fn process(t: &Task) -> Process {
     Process {
         pid: t.pid,
         tid: t.tid,
+        host_pid: (t.host_pid != 0).then_some(t.host_pid),
         uid: t.uid,
         comm: comm(&t.comm),
         cgroup_id: t.cgroup,
@@ -232,7 +233,7 @@ pub(crate) mod encode {
             pid,
             tid: pid,
             uid: 0,
-            _pad: 0,
+            host_pid: pid + 100_000,
             cgroup: 7,
             comm: c,
         }
@@ -291,6 +292,7 @@ mod tests {
         assert_eq!(e.conn.netns, 4026531840);
         let p = e.closer.unwrap();
         assert_eq!((p.pid, p.comm.as_ref(), p.cgroup_id), (1234, "curl", 7));
+        assert_eq!(p.host_pid, Some(101_234));
         assert_eq!(e.role, Role::Client);
         assert_eq!(e.close, CloseKind::Active);
         assert_eq!(e.substate, Substate::TimeWait);

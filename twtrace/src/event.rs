@@ -144,14 +144,28 @@ fn shared_comm<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::sync::Arc<
 /// A task as the kernel saw it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Process {
+    /// In twtrace's pid namespace; 0 when the process has none there (it runs outside that
+    /// namespace, or in one nested inside it).
     pub pid: u32,
     pub tid: u32,
+    /// In the initial pid namespace; `None` when unknown (recordings before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_pid: Option<u32>,
     pub uid: u32,
     /// Shared: a busy host has few distinct comms and many TIME_WAITs holding one.
     #[serde(deserialize_with = "shared_comm")]
     pub comm: std::sync::Arc<str>,
     /// cgroup v2 id; 0 when unknown.
     pub cgroup_id: u64,
+}
+
+/// A pid for columns: `-` when the process has none in twtrace's pid namespace.
+pub fn pid_text(pid: u32) -> String {
+    if pid == 0 {
+        "-".into()
+    } else {
+        pid.to_string()
+    }
 }
 
 /// A connection's identity.

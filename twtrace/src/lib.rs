@@ -13,6 +13,7 @@ pub mod compare;
 pub mod decode;
 pub mod event;
 pub mod filter;
+pub mod filter_now;
 pub mod http;
 pub mod kernel;
 pub mod live;

@@ -494,6 +494,7 @@ fn report_time(o: &Opts) -> anyhow::Result<Value> {
             closer: Some(Process {
                 pid: 1000 + (i % 7) as u32,
                 tid: 1000,
+                host_pid: None,
                 uid: 0,
                 comm: format!("worker{}", i % 7).into(),
                 cgroup_id: 1,

@@ -10,13 +10,13 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_pidns_info},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
         bpf_probe_read_kernel_buf,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_smp_processor_id,
-            bpf_get_socket_cookie, bpf_ktime_get_ns,
+            bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_ns_current_pid_tgid,
+            bpf_get_smp_processor_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
         },
     },
     macros::map,
@@ -165,14 +165,36 @@ pub fn header(kind: EventKind, ts_ns: u64) -> EventHeader {
     }
 }
 
+/// The current task's ids as twtrace sees them: (tgid, tid) in twtrace's pid namespace, or
+/// (0, 0) when it has none there, and its tgid in the initial namespace. Where twtrace runs
+/// in the initial namespace (`pidns_ino` 0) every task has its pid there. Elsewhere the
+/// kernel answers only for tasks whose own namespace is twtrace's: one outside it, or in a
+/// namespace nested inside it, gets (0, 0).
+#[inline(always)]
+pub fn current_ids() -> (u32, u32, u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let host = (pid_tgid >> 32) as u32;
+    let ino = conf!(pidns_ino);
+    if ino == 0 {
+        return (host, pid_tgid as u32, host);
+    }
+    let dev = conf!(pidns_dev);
+    let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
+    let size = core::mem::size_of::<bpf_pidns_info>() as u32;
+    if unsafe { bpf_get_ns_current_pid_tgid(dev, ino, &mut ns, size) } != 0 {
+        return (0, 0, host);
+    }
+    (ns.tgid, ns.pid, host)
+}
+
 /// Writes the current task into `t` (a map value or a record), comm included, in place.
 #[inline(always)]
 pub fn fill_task(t: &mut Task) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    t.pid = (pid_tgid >> 32) as u32;
-    t.tid = pid_tgid as u32;
+    let (pid, tid, host_pid) = current_ids();
+    t.pid = pid;
+    t.tid = tid;
+    t.host_pid = host_pid;
     t.uid = bpf_get_current_uid_gid() as u32;
-    t._pad = 0;
     t.cgroup = unsafe { bpf_get_current_cgroup_id() };
     if unsafe { bpf_get_current_comm(t.comm.as_mut_ptr().cast(), COMM_LEN as u32) } != 0 {
         t.comm = [0; COMM_LEN];
@@ -184,14 +206,16 @@ pub fn clear_task(t: &mut Task) {
     t.pid = 0;
     t.tid = 0;
     t.uid = 0;
-    t._pad = 0;
+    t.host_pid = 0;
     t.cgroup = 0;
     t.comm = [0; COMM_LEN];
 }
 
+/// Whether the current task is twtrace itself, whose own traffic is not traced: its tgid in
+/// twtrace's pid namespace is its `getpid()`.
 #[inline(always)]
 pub fn is_self() -> bool {
-    (bpf_get_current_pid_tgid() >> 32) as u32 == conf!(self_pid)
+    current_ids().0 == conf!(self_pid)
 }
 
 /// Identity of a `sock_common`, read into `slot`'s scratch. `sport_be_off`, when not 0, is

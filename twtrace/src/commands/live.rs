@@ -124,6 +124,7 @@ struct Identity {
 
 pub async fn run(args: &LiveArgs, verbose: bool) -> anyhow::Result<()> {
     let filters = args.filter.filters()?;
+    twtrace::filter_now::warn(&filters);
     let ring = super::ring_bytes(args.ring_mib)?;
     if args.interval < 0.1 {
         bail!("--interval must be at least 0.1 s");
@@ -229,7 +230,7 @@ async fn view<C: Clock, F: Feed>(
                             &id.kernel,
                             id.started_ns,
                             id.replay.as_deref(),
-                            &mut |cg| cgroups.display(cg).unwrap_or_else(|| "-".into()),
+                            &mut |cg| cgroup_name(&agg, &mut cgroups, cg),
                         ));
                     }
                     redraw = true;
@@ -269,7 +270,7 @@ async fn view<C: Clock, F: Feed>(
                                 }
                                 // Show the effect of a key at once, not at the next refresh.
                                 if !v.paused || model.is_none() {
-                                    model = Some(v.model(&agg, &id.host, &id.kernel, id.started_ns, id.replay.as_deref(), &mut |cg| cgroups.display(cg).unwrap_or_else(|| "-".into())));
+                                    model = Some(v.model(&agg, &id.host, &id.kernel, id.started_ns, id.replay.as_deref(), &mut |cg| cgroup_name(&agg, &mut cgroups, cg)));
                                 }
                                 redraw = true;
                             }
@@ -339,4 +340,13 @@ async fn plain(
         }
         sink.clear();
     }
+}
+
+/// The CGROUP column: a replay names cgroups as its recording did, live tracing as this host
+/// does now; both through [`twtrace::cgroup::name`], as every other view.
+fn cgroup_name<C: Clock>(agg: &Aggregator<C>, cgroups: &mut CgroupNames, id: u64) -> String {
+    agg.cgroup_path(id)
+        .map(twtrace::cgroup::name)
+        .or_else(|| cgroups.display(id))
+        .unwrap_or_else(|| "-".into())
 }

@@ -22,6 +22,7 @@ use super::{
 
 pub async fn run(args: &RecordArgs, verbose: bool) -> anyhow::Result<()> {
     let filters = args.filter.filters()?;
+    twtrace::filter_now::warn(&filters);
     let ring = super::ring_bytes(args.ring_mib)?;
     let existing = if args.force {
         Existing::Replace

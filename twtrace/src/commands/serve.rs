@@ -22,6 +22,7 @@ use twtrace::kernel::hz;
 
 pub async fn run(args: &ServeArgs, verbose: bool) -> anyhow::Result<()> {
     let filters = args.filter.filters()?;
+    twtrace::filter_now::warn(&filters);
     let ring = super::ring_bytes(args.ring_mib)?;
     let web = match &args.web_config_file {
         Some(path) => WebConfig::load(path)?,

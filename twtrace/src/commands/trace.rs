@@ -20,6 +20,7 @@ use twtrace::{
 
 pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     let filters = args.filter.filters()?;
+    twtrace::filter_now::warn(&filters);
     let ring = super::ring_bytes(args.ring_mib)?;
     // Before attaching: a signal from the moment twtrace says it is tracing ends it cleanly.
     let mut stop = Stop::new(args.duration)?;

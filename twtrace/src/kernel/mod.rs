@@ -5,6 +5,7 @@ pub mod capability;
 pub mod end_check;
 pub mod kallsyms;
 pub mod netns;
+pub mod pidns;
 pub mod privilege;
 pub mod settings;
 pub mod sock_diag;

@@ -15,7 +15,15 @@ pub enum NetnsError {
         "no network namespace {0:?}: give an inode number (see `ls -L -i /proc/PID/ns/net`), a name from `ip netns list`, or a path"
     )]
     NotFound(String),
+    #[error(
+        "--netns {spec:?}: {why}; give an `ip netns` name, /proc/PID/ns/net or an inode number"
+    )]
+    NotNetns { spec: String, why: String },
 }
+
+/// `ioctl(NS_GET_NSTYPE)` (linux/nsfs.h, `_IO(0xb7, 0x3)`, Linux 4.11): the kind of a
+/// namespace file.
+const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
 
 /// A network namespace and a path that opens it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,10 +47,30 @@ pub fn resolve(spec: &str) -> Result<u32, NetnsError> {
         return Ok(n);
     }
     let named = Path::new("/run/netns").join(spec);
-    [named.as_path(), Path::new(spec)]
+    let path = [named.as_path(), Path::new(spec)]
         .into_iter()
-        .find_map(inode_of)
-        .ok_or_else(|| NetnsError::NotFound(spec.to_string()))
+        .find(|p| p.exists())
+        .ok_or_else(|| NetnsError::NotFound(spec.to_string()))?;
+    net_ns_inode(path).map_err(|why| NetnsError::NotNetns {
+        spec: spec.to_string(),
+        why,
+    })
+}
+
+/// The inode of the network namespace file at `path`; why not, when it is none (any file can
+/// be named, and its inode would silently filter everything out).
+fn net_ns_inode(path: &Path) -> Result<u32, String> {
+    let f = fs::File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the descriptor's file.
+    let kind = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE) };
+    if kind < 0 {
+        return Err("not a namespace file".into());
+    }
+    if kind != libc::CLONE_NEWNET {
+        return Err("a namespace, but not a network namespace".into());
+    }
+    let m = f.metadata().map_err(|e| e.to_string())?;
+    Ok(m.ino() as u32)
 }
 
 /// Every network namespace reachable now: the named ones (`ip netns`) and those of running

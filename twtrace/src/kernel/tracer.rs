@@ -91,6 +91,8 @@ pub enum TracerError {
     Btf(#[from] BtfError),
     #[error("{0}")]
     Kallsyms(#[from] KallsymsError),
+    #[error("{0}")]
+    PidNs(#[from] super::pidns::PidNsError),
     #[error("loading twtrace's eBPF object failed: {0}")]
     Load(#[from] aya::EbpfError),
     #[error(
@@ -218,6 +220,7 @@ pub fn kernel_config(opts: &TracerOptions) -> Result<KernelSetup, TracerError> {
             None
         }
     };
+    let (pidns_dev, pidns_ino) = super::pidns::own()?.unwrap_or((0, 0));
     let config = Config {
         tw_timer_handler: syms["tw_timer_handler"],
         reqsk_timer_handler: syms["reqsk_timer_handler"],
@@ -228,6 +231,8 @@ pub fn kernel_config(opts: &TracerOptions) -> Result<KernelSetup, TracerError> {
         verbose: opts.verbose as u32,
         features: resolved.features,
         tw_count_bias: resolved.tw_count_bias,
+        pidns_dev,
+        pidns_ino,
     };
     Ok(KernelSetup {
         config,

@@ -151,6 +151,7 @@ fn log_filter_sort_and_help() {
             closer: Some(Process {
                 pid: 77,
                 tid: 77,
+                host_pid: None,
                 uid: 0,
                 comm: "proxy".into(),
                 cgroup_id: 0,

@@ -154,7 +154,7 @@ fn table(f: &mut Frame, area: Rect, m: &Model, v: &ViewState) {
             let head = column_titles(&PROC_COLUMNS, v);
             let rows = m.procs.iter().map(|p| {
                 Row::new(vec![
-                    p.pid.to_string(),
+                    crate::event::pid_text(p.pid),
                     p.comm.clone(),
                     p.cgroup.clone(),
                     p.alive.to_string(),

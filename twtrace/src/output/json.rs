@@ -22,13 +22,17 @@ struct Identity<'a> {
     lport: u16,
     raddr: IpAddr,
     rport: u16,
+    /// In twtrace's pid namespace; `null` when unknown or outside it (see `host_pid`).
     pid: Option<u32>,
     tid: Option<u32>,
+    /// In the initial pid namespace.
+    host_pid: Option<u32>,
     comm: Option<&'a str>,
     uid: Option<u32>,
     cgroup: Option<String>,
     cgroup_id: Option<u64>,
-    /// Container or systemd unit, when the cgroup path shows one.
+    /// The cgroup's name in every view: container or unit when its path shows one, else the
+    /// path ([`crate::cgroup::name`]).
     container: Option<String>,
     role: Role,
     close: CloseKind,
@@ -65,6 +69,11 @@ struct NoTimeWaitJson<'a> {
     oldstate: &'static str,
 }
 
+/// A pid in twtrace's namespace: 0 is none there.
+fn ns_pid(pid: u32) -> Option<u32> {
+    (pid != 0).then_some(pid)
+}
+
 fn identity<'a>(
     ts_ns: u64,
     conn: &Endpoints,
@@ -84,15 +93,14 @@ fn identity<'a>(
         lport: conn.lport,
         raddr: conn.raddr,
         rport: conn.rport,
-        pid: closer.map(|p| p.pid),
-        tid: closer.map(|p| p.tid),
+        pid: closer.and_then(|p| ns_pid(p.pid)),
+        tid: closer.and_then(|p| ns_pid(p.tid)),
+        host_pid: closer.and_then(|p| p.host_pid),
         comm: closer.map(|p| p.comm.as_ref()),
         uid: closer.map(|p| p.uid),
         cgroup: closer.and_then(|p| cgroups.path(p.cgroup_id).map(str::to_string)),
         cgroup_id: closer.map(|p| p.cgroup_id).filter(|&id| id != 0),
-        container: closer
-            .and_then(|p| cgroups.path(p.cgroup_id))
-            .and_then(crate::cgroup::container_of),
+        container: closer.and_then(|p| cgroups.display(p.cgroup_id)),
         role,
         close,
     }
@@ -105,8 +113,9 @@ struct PortFailureJson<'a> {
     ts: String,
     errno: i32,
     error: &'static str,
-    pid: u32,
-    tid: u32,
+    pid: Option<u32>,
+    tid: Option<u32>,
+    host_pid: Option<u32>,
     comm: &'a str,
     uid: u32,
     cgroup: Option<String>,
@@ -143,15 +152,14 @@ fn port_failure(r: &PortFailureRecord, tb: &TimeBase, cgroups: &mut CgroupNames)
         } else {
             "EADDRINUSE"
         },
-        pid: f.process.pid,
-        tid: f.process.tid,
+        pid: ns_pid(f.process.pid),
+        tid: ns_pid(f.process.tid),
+        host_pid: f.process.host_pid,
         comm: &f.process.comm,
         uid: f.process.uid,
         cgroup: cgroups.path(f.process.cgroup_id).map(str::to_string),
         cgroup_id: Some(f.process.cgroup_id).filter(|&id| id != 0),
-        container: cgroups
-            .path(f.process.cgroup_id)
-            .and_then(crate::cgroup::container_of),
+        container: cgroups.display(f.process.cgroup_id),
         netns: f.conn.netns,
         family: f.conn.family,
         raddr: connect.then_some(f.conn.raddr),
@@ -236,7 +244,7 @@ pub fn line(rec: &Record, tb: &TimeBase, cgroups: &mut CgroupNames) -> String {
             ended: tb
                 .utc(r.ended_ns)
                 .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            reused_by_pid: r.reused_by.as_ref().map(|p| p.pid),
+            reused_by_pid: r.reused_by.as_ref().and_then(|p| ns_pid(p.pid)),
             reused_by_comm: r.reused_by.as_ref().map(|p| p.comm.as_ref()),
             rescheduled: r.tw.rescheduled,
             preexisting: r.tw.preexisting,
@@ -287,6 +295,7 @@ mod tests {
         Process {
             pid,
             tid: pid,
+            host_pid: None,
             uid: 1000,
             comm: comm.into(),
             cgroup_id: 0,

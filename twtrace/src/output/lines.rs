@@ -35,7 +35,7 @@ pub fn write_line(out: &mut String, rec: &Record, tb: &TimeBase) {
             let _ = write!(
                 out,
                 " {:<7} {:<16} {:<11} FAILED {what} {}, {} holding",
-                f.process.pid,
+                crate::event::pid_text(f.process.pid),
                 f.process.comm,
                 f.conn.netns,
                 Endpoint(addr, port),
@@ -49,7 +49,7 @@ pub fn write_line(out: &mut String, rec: &Record, tb: &TimeBase) {
     pad_to(out, start + 12);
     match closer {
         Some(p) => {
-            let _ = write!(out, " {:<7} {:<16}", p.pid, p.comm);
+            let _ = write!(out, " {:<7} {:<16}", crate::event::pid_text(p.pid), p.comm);
         }
         None => {
             let _ = write!(out, " {:<7} {:<16}", "-", "?");
@@ -72,7 +72,7 @@ pub fn write_line(out: &mut String, rec: &Record, tb: &TimeBase) {
             let life = t.lifetime_ns() as f64 / 1e9;
             let _ = write!(out, " {subst:<6} {life:>7.3}  {}", t.end.as_str());
             if let Some(p) = &t.reused_by {
-                let _ = write!(out, " by {} {}", p.pid, p.comm);
+                let _ = write!(out, " by {} {}", crate::event::pid_text(p.pid), p.comm);
             }
             if t.tw.preexisting {
                 out.push_str(" (pre-existing)");

@@ -164,12 +164,9 @@ pub fn report(r: &Report) -> String {
             let _ = writeln!(
                 o,
                 "  {:<8} {:<16} {:<24} {:>9} {:>7} {:>7} {:>7.1}% {:>8.1}% {:>10} {:>10}",
-                p.pid,
+                crate::event::pid_text(p.pid),
                 p.comm,
-                p.container
-                    .as_deref()
-                    .or(p.cgroup.as_deref())
-                    .unwrap_or("-"),
+                p.container.as_deref().unwrap_or("-"),
                 p.entered,
                 p.client,
                 p.server,

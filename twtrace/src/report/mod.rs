@@ -497,9 +497,7 @@ fn finish<F: Frames>(
             comm: k.comm.to_string(),
             cgroup_id: p.cgroup_id,
             cgroup: agg.cgroup_path(p.cgroup_id).map(str::to_string),
-            container: agg
-                .cgroup_path(p.cgroup_id)
-                .and_then(crate::cgroup::container_of),
+            container: agg.cgroup_path(p.cgroup_id).map(crate::cgroup::name),
             entered: p.entered,
             client: p.client,
             server: p.server,

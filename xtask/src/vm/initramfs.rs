@@ -1,7 +1,7 @@
 //! The guests' userspace: one initramfs (newc cpio, gzip) that boots any of the kernels.
 //!
 //! It holds busybox (static) for the shell and the basics, the host's iproute2 `ip`/`ss`,
-//! procps `sysctl` and util-linux `setpriv` with the shared libraries they load, the static
+//! procps `sysctl` and util-linux `setpriv` and `unshare` with the shared libraries they load, the static
 //! (musl) twtrace, twload and test binaries, and /init (init.sh). The archive is written
 //! here rather than by cpio(1) so that /dev/console can be in it without root.
 
@@ -202,7 +202,7 @@ pub fn build(payload: &Payload, out: &Path) -> anyhow::Result<()> {
         .output()
         .context("busybox --list")?;
     // The real tools: iproute2's ip (busybox's has no netns) and ss, procps' sysctl,
-    // util-linux's setpriv, and Prometheus (server and promtool) for its scenario. They go
+    // util-linux's setpriv and unshare, and Prometheus (server and promtool) for its scenario. They go
     // to fixed places, which come first on PATH; init.sh calls them by path, since Debian's
     // busybox-static runs its own applets before anything on PATH.
     let real = [
@@ -210,6 +210,7 @@ pub fn build(payload: &Payload, out: &Path) -> anyhow::Result<()> {
         ("ss", "/usr/bin"),
         ("sysctl", "/usr/sbin"),
         ("setpriv", "/usr/bin"),
+        ("unshare", "/usr/bin"),
         ("promtool", "/usr/bin"),
         ("prometheus", "/usr/bin"),
     ];
