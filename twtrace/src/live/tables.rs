@@ -118,7 +118,6 @@ fn layout(
 }
 
 /// Draws `cells` under `titles` in `area`, fitted as [`layout`] says.
-#[allow(clippy::too_many_arguments)]
 fn draw_table(
     f: &mut Frame,
     area: Rect,

@@ -87,9 +87,12 @@ fn entries(items: &[String], bullet: &str, width: usize, height: usize) -> Vec<L
                 lines.truncate(room);
                 out.extend(lines.into_iter().map(Line::from));
             } else if room > 0 {
-                out.push(Line::from(format!(
-                    "(+{left} more; a taller terminal shows them)"
-                )));
+                let them = if left == 1 { "it" } else { "them" };
+                let more = [
+                    Field::new(format!("+{left} more"), "", 0),
+                    Field::new(format!("(a taller terminal shows {them})"), " ", 1),
+                ];
+                out.push(Line::from(fit_one(&more, width)));
             }
             break;
         }

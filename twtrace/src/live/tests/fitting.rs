@@ -21,10 +21,11 @@ use crate::{
 
 const SIZES: [(u16, u16); 3] = [(80, 24), (120, 40), (200, 50)];
 
-/// Number tokens of `text`: runs of digits and dots ("127.0.0.1", "12.5", "40000").
+/// The words of `text` with a digit in them ("127.0.0.1:8080", "2000ms", "(70.0%)"),
+/// split at blanks, borders and bars, without the punctuation around them.
 fn numbers(text: &str) -> Vec<String> {
-    text.split(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map(|t| t.trim_matches('.'))
+    text.split(|c: char| c.is_whitespace() || "│┌┐└┘─█▁▂▃▄▅▆▇".contains(c))
+        .map(|t| t.trim_matches(|c| ",;()".contains(c)))
         .filter(|t| t.chars().any(|c| c.is_ascii_digit()))
         .map(str::to_string)
         .collect()
@@ -103,14 +104,14 @@ fn busy() -> (ViewState, Model) {
     (v, m)
 }
 
-/// Every number on screen is one the model has, whole: none was cut at the edge of a line,
-/// a cell or a title.
+/// Every number on screen is one the model has, whole with its unit: none was cut at the
+/// edge of a line, a cell or a title. The whole ones are those of a terminal too wide to cut.
 fn assert_no_cut_number(m: &Model, v: &ViewState, w: u16, h: u16) {
     let (full, _) = draw_at(m, v, 400, 120);
-    let known: HashSet<String> = numbers(&format!("{m:?}"))
-        .into_iter()
-        .chain(numbers(&full))
-        .collect();
+    let known: HashSet<String> = numbers(&full).into_iter().collect();
+    for n in ["123456", "4026531840", "98765", "131072", "40000-40009", "28232", "12.5/s"] {
+        assert!(known.contains(n), "{n} not in the model's words: {known:?}");
+    }
     let (text, _) = draw_at(m, v, w, h);
     for n in numbers(&text) {
         assert!(known.contains(&n), "{n} is cut at {w}x{h}:\n{text}");
@@ -428,5 +429,25 @@ fn fields_go_by_importance_then_wrap_between_them() {
     assert_eq!(
         text(pack(&rows[0], 0, 12)),
         ["alive 7", "  entered", "  1.5/s"]
+    );
+}
+
+/// A log too long for its pane shows whole entries, newest first, and says how many more.
+#[test]
+fn a_full_log_pane_says_how_many_more() {
+    let (v, mut m) = busy();
+    m.log = (0..30)
+        .map(|i| format!("23:01:{i:02} UTC no TIME_WAIT (overflow) 127.0.0.1:{} by proxy", 40000 + i))
+        .rev()
+        .collect();
+    let (text, _) = draw_at(&m, &v, 80, 24);
+    let shown = pane_text(&text, "Failures");
+    let shown = shown.split_whitespace().collect::<Vec<_>>().join(" ");
+    let whole = shown.matches(" by proxy").count();
+    assert!(whole >= 1, "{text}");
+    assert!(shown.starts_with("23:01:29 UTC"), "newest first: {shown}");
+    assert!(
+        shown.ends_with(&format!("+{} more", 30 - whole)),
+        "{text}"
     );
 }
