@@ -261,6 +261,7 @@ impl Trace {
     /// Waits for it to end by itself (exit status 0); all records and stderr.
     pub fn wait_exit(mut self) -> (Vec<Value>, String) {
         let status = self.child.wait().expect("wait twtrace");
+        // Let the reader threads finish.
         thread::sleep(Duration::from_millis(100));
         assert!(
             status.success(),
@@ -313,17 +314,9 @@ impl Trace {
     }
 
     /// Stops twtrace with `sig`, which must end it cleanly (exit status 0).
-    pub fn stop_with(mut self, sig: i32) -> (Vec<Value>, String) {
+    pub fn stop_with(self, sig: i32) -> (Vec<Value>, String) {
         unsafe { libc::kill(self.child.id() as i32, sig) };
-        let status = self.child.wait().expect("wait twtrace");
-        // Let the reader threads finish.
-        thread::sleep(Duration::from_millis(100));
-        assert!(
-            status.success(),
-            "twtrace failed: {status}: {}",
-            self.stderr()
-        );
-        (self.records(), self.stderr())
+        self.wait_exit()
     }
 }
 

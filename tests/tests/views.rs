@@ -17,11 +17,15 @@ fn tmux(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A detached 160x45 tmux session running `cmd`, killed when dropped.
+/// A detached tmux session running `cmd` (160x45 unless sized), killed when dropped.
 struct Tmux(String);
 
 impl Tmux {
     fn start(tag: &str, cmd: &str) -> Self {
+        Self::sized(tag, cmd, 160, 45)
+    }
+
+    fn sized(tag: &str, cmd: &str, width: u16, height: u16) -> Self {
         let name = format!("twt-{tag}-{}", std::process::id());
         tmux(&[
             "new-session",
@@ -29,9 +33,9 @@ impl Tmux {
             "-s",
             &name,
             "-x",
-            "160",
+            &width.to_string(),
             "-y",
-            "45",
+            &height.to_string(),
             cmd,
         ]);
         Self(name)
@@ -100,6 +104,45 @@ fn live_view_in_tmux_matches_ss_and_quits_cleanly() {
         !s.contains("TIME_WAIT alive"),
         "terminal not restored:\n{s}"
     );
+}
+
+/// At 80x24 (an SSH window at 3 a.m.) the key figures are on screen and whole; Esc closes
+/// the help without quitting, and only a second Esc quits.
+#[test]
+fn live_view_fits_80x24_and_esc_closes_help_before_quitting() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("small");
+    let cmd = format!(
+        "{} --netns {} --interval 0.5; echo EXIT=$?; sleep 60",
+        twtrace_integration::twtrace_bin().display(),
+        ns.name
+    );
+    let term = Tmux::sized("small", &cmd, 80, 24);
+    term.wait("the view", &|s| s.contains("TIME_WAIT alive 0"));
+    ns.twload(&["fill", "127.0.0.1:8080", "5"]);
+    let s = term.wait("the TIME_WAITs at 80x24", &|s| {
+        s.contains("TIME_WAIT alive 5 ")
+            && s.contains("entered")
+            && s.contains("lost:")
+            && s.lines()
+                .any(|l| l.contains(" twload ") && l.contains(" 5 "))
+    });
+    assert!(s.lines().all(|l| l.chars().count() <= 80), "{s}");
+    assert!(
+        s.contains("ip_local_port_range="),
+        "settings shown when calm:\n{s}"
+    );
+    term.keys("?");
+    term.wait("the help", &|s| s.contains("Esc close this help"));
+    term.keys("Escape");
+    term.wait("the help closed, the view still up", &|s| {
+        !s.contains("Esc close this help") && s.contains("TIME_WAIT alive 5 ")
+    });
+    term.keys("Escape");
+    let s = term.wait("exit", &|s| s.contains("EXIT="));
+    assert!(s.contains("EXIT=0"), "{s}");
 }
 
 #[test]

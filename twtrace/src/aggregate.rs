@@ -1731,7 +1731,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn tcp_ext(netns: u32, ts_ns: u64, tw: u64) -> Event {
+    /// A reading of a namespace's TcpExt counters, all but TcpExtTW at 0.
+    pub fn tcp_ext(netns: u32, ts_ns: u64, tw: u64) -> Event {
         Event::KernelCounters {
             ts_ns,
             netns,

@@ -474,38 +474,21 @@ mod tests {
     use crate::{
         aggregate::{
             ReplayClock,
-            tests::{end, enter},
+            tests::{end, enter, tcp_ext},
         },
         event::{Event, NetnsSettings, Substate, TwKey},
     };
-
-    fn counters(netns: u32, ts_ns: u64, tw: u64) -> Event {
-        Event::KernelCounters {
-            ts_ns,
-            netns,
-            counters: [
-                ("TW", tw),
-                ("TWKilled", 0),
-                ("TWRecycled", 0),
-                ("TCPTimeWaitOverflow", 0),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
-            until_ns: None,
-        }
-    }
 
     #[test]
     fn kernel_counters_are_set_against_twtraces_counts_only_for_whole_namespaces() {
         let mut agg = Aggregator::new(ReplayClock::default(), 250);
         let mut x = Exporter::new(Box::new(|_| None));
         let mut out = vec![];
-        agg.ingest(counters(1, 0, 100), &mut out);
+        agg.ingest(tcp_ext(1, 0, 100), &mut out);
         for i in 0..2u64 {
             agg.ingest(enter(TwKey::Cookie(i + 1), i, Substate::TimeWait), &mut out);
         }
-        agg.ingest(counters(1, 5, 103), &mut out);
+        agg.ingest(tcp_ext(1, 5, 103), &mut out);
         let text = x.render(&agg, true);
         assert!(
             text.contains("twtrace_kernel_tcpext_change{netns=\"1\",counter=\"TW+TWKilled\"} 3"),
@@ -581,7 +564,7 @@ mod tests {
                 &mut out,
             );
             for _ in 0..2 {
-                agg.ingest(counters(i as u32, i, 1), &mut out);
+                agg.ingest(tcp_ext(i as u32, i, 1), &mut out);
             }
         }
         let text = x.render(&agg, true);

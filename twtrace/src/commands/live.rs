@@ -6,14 +6,16 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use crossterm::event::{self, Event as TermEvent, KeyCode, KeyEventKind, KeyModifiers};
+use crossterm::event::{self, Event as TermEvent, KeyEventKind};
 use twtrace::{
     aggregate::{Aggregator, Clock, MonotonicClock, ReplayClock},
     cgroup::CgroupNames,
     cli::{LiveArgs, ReplayArgs},
     event::Event,
     live::{
+        keys,
         model::{Model, ViewState},
+        time::clock_time,
         ui,
     },
     output::TimeBase,
@@ -215,7 +217,7 @@ async fn view<C: Clock, F: Feed>(
         let mut input: Option<String> = None;
         let mut events = Vec::new();
         let mut records = Vec::new();
-        let fmt = |ns: u64| id.tb.local(ns).format("%H:%M:%S").to_string();
+        let fmt = |ns: u64| clock_time(&id.tb, ns);
         let mut model: Option<Model> = None;
         loop {
             let mut redraw = false;
@@ -239,34 +241,10 @@ async fn view<C: Clock, F: Feed>(
                     while event::poll(Duration::ZERO)? {
                         match event::read()? {
                             TermEvent::Key(k) if k.kind != KeyEventKind::Release => {
-                                if let Some(text) = input.as_mut() {
-                                    match k.code {
-                                        KeyCode::Enter => {
-                                            v.filter = input.take().unwrap_or_default();
-                                        }
-                                        KeyCode::Esc => {
-                                            input = None;
-                                            v.filter.clear();
-                                        }
-                                        KeyCode::Backspace => {
-                                            text.pop();
-                                        }
-                                        KeyCode::Char(c) => text.push(c),
-                                        _ => {}
-                                    }
-                                } else {
-                                    match k.code {
-                                        KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
-                                        KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => return Ok(()),
-                                        KeyCode::Tab => v.switch_table(),
-                                        KeyCode::Char('s') => v.next_sort(),
-                                        KeyCode::Char('S') => v.reverse = !v.reverse,
-                                        KeyCode::Char('/') => input = Some(String::new()),
-                                        KeyCode::Char('n') => v.next_netns(&agg),
-                                        KeyCode::Char('p') => v.paused = !v.paused,
-                                        KeyCode::Char('?') => v.help = !v.help,
-                                        _ => {}
-                                    }
+                                match keys::on_key(&mut v, &mut input, k) {
+                                    keys::Action::Quit => return Ok(()),
+                                    keys::Action::NextNetns => v.next_netns(&agg),
+                                    keys::Action::Redraw => {}
                                 }
                                 // Show the effect of a key at once, not at the next refresh.
                                 if !v.paused || model.is_none() {
@@ -323,7 +301,7 @@ async fn plain(
                 let r = &m.rates;
                 let line = format!(
                     "{} alive {} entered {:.1}/s ended/s expired {:.1} reused {:.1} recycled {:.1} reset {:.1} purged {:.1} | overflow {:.1}/s abort {:.1}/s | failed connect {:.1}/s bind {:.1}/s | lost {} | top {}",
-                    tb.local(agg.now_ns()).format("%H:%M:%S"),
+                    twtrace::live::time::clock_time(&tb, agg.now_ns()),
                     m.alive, r.entered, r.expired, r.reused, r.recycled, r.reset, r.purged,
                     r.overflow, r.abort, r.connect_failed, r.bind_failed,
                     m.loss.ringbuf_full + m.loss.recursion_misses,

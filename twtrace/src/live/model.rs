@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use super::fit::count;
 use crate::{
     advice::{self, Advice, Evidence},
     aggregate::{Aggregator, Clock, Pressure, Record, Totals, proc_key},
@@ -121,7 +122,24 @@ pub struct ViewState {
 pub struct Previous {
     totals: Option<(Totals, u64, u64, u64)>,
     entered: HashMap<ProcKey, u64>,
-    log: VecDeque<String>,
+    log: VecDeque<LogEntry>,
+}
+
+/// A log line and how often it came: a failure storm repeats the same line, shown once with
+/// ` x N` and the time of the latest.
+struct LogEntry {
+    time: String,
+    text: String,
+    times: u64,
+}
+
+impl LogEntry {
+    fn show(&self) -> String {
+        match self.times {
+            1 => format!("{} {}", self.time, self.text),
+            n => format!("{} {} x {n}", self.time, self.text),
+        }
+    }
 }
 
 impl Default for ViewState {
@@ -198,37 +216,50 @@ const LIFETIME_BINS: [(&str, f64); 8] = [
 impl ViewState {
     /// Keeps the failures and closes without TIME_WAIT for the scrolling log.
     pub fn note(&mut self, r: &Record, fmt_time: impl Fn(u64) -> String) {
-        let line = match r {
+        let (ts, text) = match r {
             Record::PortFailure(f) => {
                 let p = &f.failure;
                 let (what, addr, port) = match p.op {
                     PortOp::Connect => ("connect EADDRNOTAVAIL", p.conn.raddr, p.conn.rport),
                     PortOp::Bind => ("bind EADDRINUSE", p.conn.laddr, p.conn.lport),
                 };
-                format!(
-                    "{} {what} {addr}:{port} by {} ({}), {} TIME_WAITs holding",
-                    fmt_time(p.ts_ns),
-                    p.process.comm,
-                    p.process.pid,
-                    f.time_wait_holding
+                (
+                    p.ts_ns,
+                    format!(
+                        "{what} {addr}:{port} by {} ({}), {} holding",
+                        p.process.comm,
+                        p.process.pid,
+                        count(f.time_wait_holding as u64, "TIME_WAIT", "TIME_WAITs")
+                    ),
                 )
             }
-            Record::NoTimeWait(n) => format!(
-                "{} no TIME_WAIT ({}) {}:{} -> {}:{} by {}",
-                fmt_time(n.ts_ns),
-                n.reason.as_str(),
-                n.conn.laddr,
-                n.conn.lport,
-                n.conn.raddr,
-                n.conn.rport,
-                n.closer.as_ref().map_or("?", |p| p.comm.as_ref())
+            Record::NoTimeWait(n) => (
+                n.ts_ns,
+                format!(
+                    "no TIME_WAIT ({}) {}:{} -> {}:{} by {}",
+                    n.reason.as_str(),
+                    n.conn.laddr,
+                    n.conn.lport,
+                    n.conn.raddr,
+                    n.conn.rport,
+                    n.closer.as_ref().map_or("?", |p| p.comm.as_ref())
+                ),
             ),
             Record::TimeWait(_) => return,
         };
-        if self.prev.log.len() == LOG_LINES {
-            self.prev.log.pop_front();
+        let log = &mut self.prev.log;
+        let times = match log.iter().position(|e| e.text == text) {
+            Some(i) => log.remove(i).map_or(1, |e| e.times + 1),
+            None => 1,
+        };
+        if log.len() == LOG_LINES {
+            log.pop_front();
         }
-        self.prev.log.push_back(line);
+        log.push_back(LogEntry {
+            time: fmt_time(ts),
+            text,
+            times,
+        });
     }
 
     /// Cycles the namespace shown through "all" and those seen.
@@ -378,7 +409,11 @@ impl ViewState {
             } else {
                 o.reverse()
             };
-            if self.reverse { o.reverse() } else { o }
+            let o = if self.reverse { o.reverse() } else { o };
+            // Equal keys in a fixed order, or rows swap places at every refresh.
+            o.then_with(|| a.pid.cmp(&b.pid))
+                .then_with(|| a.comm.cmp(&b.comm))
+                .then_with(|| a.cgroup.cmp(&b.cgroup))
         });
 
         let pressure = agg.pressure();
@@ -410,7 +445,11 @@ impl ViewState {
                 _ => a.percent.total_cmp(&b.percent),
             };
             let o = if dsort <= 2 { o } else { o.reverse() };
-            if self.reverse { o.reverse() } else { o }
+            let o = if self.reverse { o.reverse() } else { o };
+            o.then_with(|| {
+                let key = |p: &Pressure| (p.dest.netns, p.dest.laddr, p.dest.raddr, p.dest.rport);
+                key(a).cmp(&key(b))
+            })
         });
 
         // The namespace whose settings head the screen: the one picked, else the busiest.
@@ -461,7 +500,7 @@ impl ViewState {
             dests,
             lifetimes,
             advice: advice::advise(&Evidence::of(agg, &pressure)),
-            log: self.prev.log.iter().rev().cloned().collect(),
+            log: self.prev.log.iter().rev().map(LogEntry::show).collect(),
         }
     }
 }

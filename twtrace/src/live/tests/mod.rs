@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use ratatui::{Terminal, backend::TestBackend, style::Color};
 
 use super::{
-    model::{Table, ViewState},
+    model::{Model, Table, ViewState},
     ui::draw,
 };
 use crate::{
@@ -55,11 +55,20 @@ fn state() -> (Aggregator<ReplayClock>, ReplayClock) {
 }
 
 fn render(agg: &Aggregator<ReplayClock>, v: &mut ViewState) -> (String, ratatui::buffer::Buffer) {
-    let m = v.model(agg, "host1", "6.18", 0, None, &mut |_| {
+    let m = model(agg, v);
+    draw_at(&m, v, 140, 40)
+}
+
+fn model(agg: &Aggregator<ReplayClock>, v: &mut ViewState) -> Model {
+    v.model(agg, "host1", "6.18", 0, None, &mut |_| {
         "/system.slice/app.service".into()
-    });
-    let mut term = Terminal::new(TestBackend::new(140, 40)).unwrap();
-    term.draw(|f| draw(f, &m, v, None)).unwrap();
+    })
+}
+
+/// `m` drawn on a `w`x`h` terminal: its text, a line per row, and the buffer.
+fn draw_at(m: &Model, v: &ViewState, w: u16, h: u16) -> (String, ratatui::buffer::Buffer) {
+    let mut term = Terminal::new(TestBackend::new(w, h)).unwrap();
+    term.draw(|f| draw(f, m, v, None)).unwrap();
     let buf = term.backend().buffer().clone();
     let text: String = (0..buf.area.height)
         .map(|y| {
@@ -127,7 +136,7 @@ fn loss_is_red_when_not_zero() {
     e.recovered = Some(crate::event::Recovered::Alive);
     agg.ingest(Event::TwEnter(e), &mut vec![]);
     let (text, _) = render(&agg, &mut v);
-    assert!(text.contains("1 starts recovered"), "{text}");
+    assert!(text.contains("1 start recovered"), "{text}");
 }
 
 #[test]
@@ -169,6 +178,7 @@ fn log_filter_sort_and_help() {
     clock.set(5 * S);
     let (text, _) = render(&agg, &mut v);
     assert!(text.contains("t4 no TIME_WAIT (overflow)"), "{text}");
+    assert!(!text.contains(" x "), "one line, not folded: {text}");
     assert!(text.contains("tcp_max_tw_buckets"), "{text}");
     // A filter that matches nothing empties the table.
     v.filter = "nomatch".into();
@@ -234,3 +244,5 @@ fn a_namespace_shows_its_own_rates() {
     let all = agg.totals();
     assert_eq!(all.entered, 8 + 14);
 }
+
+mod fitting;
