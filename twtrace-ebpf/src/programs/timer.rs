@@ -30,10 +30,14 @@ use super::common::{
 };
 
 /// A connect() older than this no longer explains a kill. From CLOSE->SYN_SENT to the port
-/// search that may kill a TIME_WAIT takes microseconds.
-const CONNECTING_MAX_NS: u64 = 10_000_000;
-/// A stash nothing settled within this long is flushed by any timer event on its CPU.
-const STASH_MAX_NS: u64 = 1_000_000;
+/// search that may kill a TIME_WAIT takes microseconds, but a virtual CPU the hypervisor
+/// stalls in between sees tens of milliseconds pass (a reuse was once reported as a reset
+/// under qemu with 10 ms here).
+const CONNECTING_MAX_NS: u64 = 100_000_000;
+/// A stash nothing settled within this long is flushed by any timer event on its CPU. An
+/// expiry's cancel and its expire_entry are microseconds apart, unless the CPU stalls between
+/// them: then a hard interrupt's timer would flush the expiry as a reset.
+const STASH_MAX_NS: u64 = 20_000_000;
 
 #[repr(C)]
 #[derive(Clone, Copy)]

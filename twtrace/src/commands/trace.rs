@@ -39,6 +39,12 @@ pub async fn run(args: &TraceArgs, verbose: bool) -> anyhow::Result<()> {
     if !args.json {
         writeln!(printer.out, "{}", lines::HEADER)?;
         printer.out.flush()?;
+        // The lines' TIME is local: say in which zone, once (JSON times are UTC).
+        let now = twtrace::aggregate::Clock::now_ns(&MonotonicClock);
+        eprintln!(
+            "twtrace: TIME is local time ({})",
+            twtrace::live::time::zone(&printer.tb, now)
+        );
     }
     eprintln!("twtrace: tracing TIME_WAIT; Ctrl-C to stop");
 

@@ -7,11 +7,13 @@ use crate::output::TimeBase;
 /// abbreviation ("CET", "UTC"), or its offset ("+01:00") when the C library has none.
 pub fn clock_time(tb: &TimeBase, mono_ns: u64) -> String {
     let t = tb.local(mono_ns);
-    let hms = t.format("%H:%M:%S");
-    match zone_abbreviation(t.timestamp()) {
-        Some(zone) => format!("{hms} {zone}"),
-        None => format!("{hms} {}", t.format("%:z")),
-    }
+    format!("{} {}", t.format("%H:%M:%S"), zone(tb, mono_ns))
+}
+
+/// The local zone at the monotonic time `mono_ns`: its abbreviation, else its offset.
+pub fn zone(tb: &TimeBase, mono_ns: u64) -> String {
+    let t = tb.local(mono_ns);
+    zone_abbreviation(t.timestamp()).unwrap_or_else(|| t.format("%:z").to_string())
 }
 
 /// The local zone's abbreviation at `secs` since the epoch (as `date +%Z` prints it).
