@@ -328,18 +328,19 @@ fn starts_lost_to_a_full_ring_buffer_are_recovered_by_the_sweep() {
     }
     eprintln!("ring full: {made} connections, kernel {kernel} TIME_WAITs ({how:?})");
     t.signal(libc::SIGCONT);
+    // What twtrace must match is the kernel's count (below), not twload's: under load a client
+    // can close before the server's data is read, which aborts the connection (RST) with no
+    // TIME_WAIT (11,980 of 12,000 once, with the suite beside it).
     assert!(
-        made >= 9_000,
-        "too few connections to fill the ring: {load}"
+        made >= 9_000 && kernel >= 9_000,
+        "too few TIME_WAITs to fill the ring: {kernel} ({how:?}) of {load}"
     );
-    // Where the kernel counts at the end, kills it counts nowhere make its figure fall short.
-    if how == twtrace_integration::TwCounting::AtStart {
-        assert_eq!(kernel, made);
-    }
     // Past the sweep (a close must be a second old; 4,096 lookups a second, slower in the
     // emulated guests), the namespace goes and takes every TIME_WAIT with it: each one is a
     // record.
     std::thread::sleep(Duration::from_secs(8));
+    // The last of them, if the server was slow to close its side, started meanwhile.
+    let (kernel, _) = kernel_started_time_waits(&ns, &before);
     ns.delete();
     // Without the cookie helper (5.10), a missed start whose namespace is gone before the
     // sweep looks is not paired with its end: the capability says so, and only the exact
