@@ -184,7 +184,18 @@ fn clients_that_never_read_are_dropped_after_the_write_timeout() {
     );
     let grew = peak_rss.saturating_sub(rss);
     assert!(grew < 16 * 1024, "RSS grew {grew} KiB");
-    assert!(conns.iter().all(closed));
+    // The fd count at rest can include a poller's passing socket (a namespace's cookie, a
+    // netlink dump): the last connections may close a moment after the count is back.
+    let all_closed = Instant::now() + Duration::from_secs(3);
+    while !conns.iter().all(closed) && Instant::now() < all_closed {
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        conns.iter().all(closed),
+        "{} of 60 connections still open {:?} after the clients stopped reading",
+        conns.iter().filter(|c| !closed(c)).count(),
+        start.elapsed()
+    );
     drop(conns);
     scrape(&serve.addr, Duration::from_secs(2));
     eprintln!(

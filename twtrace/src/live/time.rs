@@ -17,6 +17,8 @@ pub fn zone(tb: &TimeBase, mono_ns: u64) -> String {
 }
 
 /// The local zone's abbreviation at `secs` since the epoch (as `date +%Z` prints it).
+// musl's libc crate marks time_t deprecated (it is 64-bit on x86-64 either way).
+#[allow(deprecated)]
 fn zone_abbreviation(secs: i64) -> Option<String> {
     let t: libc::time_t = secs;
     // SAFETY: localtime_r writes only into `tm`; tm_zone, when set, points at a static
