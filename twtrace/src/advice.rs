@@ -63,15 +63,17 @@ fn reuse_remedy(s: &NetnsSettings, raddr: IpAddr) -> String {
     if s.tcp_timestamps == 0 {
         return "tcp_timestamps=0 makes TIME_WAIT reuse impossible: enable net.ipv4.tcp_timestamps, or pool connections".into();
     }
-    match s.tcp_tw_reuse {
-        0 => "set net.ipv4.tcp_tw_reuse=1 (now 0), or pool connections".into(),
-        2 if !raddr.is_loopback() => {
-            "tcp_tw_reuse=2 reuses TIME_WAIT only towards loopback: set net.ipv4.tcp_tw_reuse=1, or pool connections".into()
-        }
-        _ => format!(
+    if s.reuse_applies(raddr) {
+        return format!(
             "reuse is already allowed (tcp_tw_reuse={}): widen net.ipv4.ip_local_port_range (now {}-{}), or pool connections",
             s.tcp_tw_reuse, s.port_range.0, s.port_range.1
-        ),
+        );
+    }
+    match s.tcp_tw_reuse {
+        2 => {
+            "tcp_tw_reuse=2 reuses TIME_WAIT only towards loopback: set net.ipv4.tcp_tw_reuse=1, or pool connections".into()
+        }
+        n => format!("set net.ipv4.tcp_tw_reuse=1 (now {n}), or pool connections"),
     }
 }
 

@@ -1164,7 +1164,8 @@ pub(crate) mod tests {
         (Aggregator::new(c.clone(), 250), c)
     }
 
-    fn conn(lport: u16) -> Endpoints {
+    /// A loopback connection of netns 1 from `lport` to port 8080.
+    pub fn conn(lport: u16) -> Endpoints {
         Endpoints {
             netns: 1,
             family: Family::Ipv4,

@@ -433,16 +433,17 @@ impl Exporter {
         let checks: Vec<_> = agg
             .kernel_checks()
             .into_iter()
-            .filter(|c| self.netns.keep(&c.netns))
+            // Namespaces alive now: a gone one's inode may be another's already (one series).
+            .filter(|c| !c.gone && self.netns.keep(&c.netns))
             .collect();
         let rows = |o: &mut String, name: &str, pick: fn(&crate::reconcile::Check) -> u64| {
             for c in &checks {
                 for x in &c.checks {
-                    let counter = x.counter.split(' ').next().unwrap_or(x.counter);
                     let _ = writeln!(
                         o,
-                        "{name}{{netns=\"{}\",counter=\"{counter}\"}} {}",
+                        "{name}{{netns=\"{}\",counter=\"{}\"}} {}",
                         c.netns,
+                        x.counter,
                         pick(x)
                     );
                 }

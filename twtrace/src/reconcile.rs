@@ -28,6 +28,14 @@ pub struct KernelCounts {
 }
 
 impl KernelCounts {
+    fn less(self, o: KernelCounts) -> KernelCounts {
+        KernelCounts {
+            tw: self.tw.saturating_sub(o.tw),
+            recycled: self.recycled.saturating_sub(o.recycled),
+            overflow: self.overflow.saturating_sub(o.overflow),
+        }
+    }
+
     /// From a namespace's TcpExt counters; None when the reading lacks one.
     pub fn from_tcp_ext(c: &BTreeMap<String, u64>) -> Option<Self> {
         Some(Self {
@@ -168,11 +176,7 @@ impl NetnsReadings {
     fn deltas(&self) -> Option<Deltas> {
         let ((k0, o0), (k1, o1)) = (self.first?, self.last?);
         Some(Deltas {
-            k: KernelCounts {
-                tw: k1.tw.saturating_sub(k0.tw),
-                recycled: k1.recycled.saturating_sub(k0.recycled),
-                overflow: k1.overflow.saturating_sub(k0.overflow),
-            },
+            k: k1.less(k0),
             lo: o1.lo.less(o0.hi),
             hi: o1.hi.less(o0.lo),
         })
@@ -195,7 +199,10 @@ impl NetnsReadings {
 /// One comparison: the kernel's counter and twtrace's count, changes over the same span.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Check {
+    /// The kernel's counter (TcpExt names).
     pub counter: &'static str,
+    /// What twtrace counted against it.
+    pub versus: &'static str,
     pub kernel: u64,
     pub twtrace: u64,
     pub agrees: bool,
@@ -225,11 +232,11 @@ pub fn check(netns: u32, r: &NetnsReadings, counting: Option<Counting>) -> Optio
     let counting = counting.or_else(|| r.counting());
     let entered = d.ours(d.k.tw, |o| o.entered);
     let expired = d.ours(d.k.tw, |o| o.expired);
-    let (tw_name, (ours, agrees)) = match counting {
-        Some(Counting::AtExpiry) => ("TW+TWKilled (expired)", expired),
-        Some(Counting::AtStart) => ("TW+TWKilled (entered)", entered),
+    let (versus, (ours, agrees)) = match counting {
+        Some(Counting::AtExpiry) => ("expired", expired),
+        Some(Counting::AtStart) => ("entered", entered),
         // Not told yet: either may be what it counts.
-        None => ("TW+TWKilled (entered)", (entered.0, entered.1 || expired.1)),
+        None => ("entered", (entered.0, entered.1 || expired.1)),
     };
     let reused = d.ours(d.k.recycled, |o| o.reused);
     let overflow = d.ours(d.k.overflow, |o| o.overflow);
@@ -239,19 +246,22 @@ pub fn check(netns: u32, r: &NetnsReadings, counting: Option<Counting>) -> Optio
         counting,
         checks: vec![
             Check {
-                counter: tw_name,
+                counter: "TW+TWKilled",
+                versus,
                 kernel: d.k.tw,
                 twtrace: ours,
                 agrees,
             },
             Check {
-                counter: "TWRecycled (reused)",
+                counter: "TWRecycled",
+                versus: "reused",
                 kernel: d.k.recycled,
                 twtrace: reused.0,
                 agrees: reused.1,
             },
             Check {
-                counter: "TCPTimeWaitOverflow (overflow)",
+                counter: "TCPTimeWaitOverflow",
+                versus: "overflow",
                 kernel: d.k.overflow,
                 twtrace: overflow.0,
                 agrees: overflow.1,
@@ -272,11 +282,12 @@ pub fn describe(c: &NetnsCheck) -> String {
         .iter()
         .map(|x| {
             if x.agrees {
-                format!("{} {} = {}", x.counter, x.kernel, x.twtrace)
+                format!("{} ({}) {} = {}", x.counter, x.versus, x.kernel, x.twtrace)
             } else {
                 format!(
-                    "{} kernel {} twtrace {} DIFFERS by {}",
+                    "{} ({}) kernel {} twtrace {} DIFFERS by {}",
                     x.counter,
+                    x.versus,
                     x.kernel,
                     x.twtrace,
                     x.kernel.abs_diff(x.twtrace)

@@ -174,7 +174,6 @@ impl LiveSource {
         Ok(())
     }
 
-    /// Appends whatever the ring buffer holds now, without waiting.
     /// The aggregator's housekeeping (call about once a second), then the end check of the
     /// TIME_WAITs it found due: what the check finds comes back through [`Self::read`].
     pub fn tick<C: Clock>(&self, agg: &mut Aggregator<C>) {
@@ -186,6 +185,7 @@ impl LiveSource {
         }
     }
 
+    /// Appends whatever the ring buffer holds now, without waiting.
     pub fn drain(&mut self, out: &mut Vec<Event>) {
         Self::drain_ring(self.ring.get_mut(), out, &mut self.decode_errors);
     }

@@ -10,9 +10,7 @@
 //!   time it has left;
 //! - the lookup failed: nothing is said, and it is asked about again later.
 
-use std::{collections::HashMap, path::PathBuf};
-
-use super::{netns, sock_diag, sock_diag::Lookup};
+use super::{sock_diag, sock_diag::Lookup};
 use crate::{
     aggregate::EndCheck,
     event::{EndReason, Event, TwEnd, TwKey, TwResched},
@@ -57,60 +55,23 @@ fn lookup_cookie(key: TwKey) -> u64 {
 
 /// Looks up `due` (blocking: netlink in each namespace) and returns what the answers mean.
 pub fn run(due: Vec<EndCheck>, now_ns: u64, jiffy_ns: u64) -> Vec<Event> {
-    let mut by_netns: HashMap<u32, Vec<EndCheck>> = HashMap::new();
-    for c in due {
-        by_netns.entry(c.conn.netns).or_default().push(c);
-    }
-    let paths: HashMap<u32, PathBuf> = netns::enumerate()
-        .into_iter()
-        .map(|n| (n.inode, n.path))
-        .collect();
-    let mut out = Vec::new();
-    for (ns, checks) in by_netns {
-        let found = match paths.get(&ns) {
-            Some(path) => sock_diag::lookup_in(
-                path,
-                checks
-                    .iter()
-                    .map(|c| (lookup_cookie(c.key), c.conn))
-                    .collect(),
-            ),
-            // A namespace no longer reachable was deleted, and its TIME_WAITs with it.
-            None => Ok(vec![Lookup::Gone; checks.len()]),
-        };
-        match found {
-            Ok(found) => out.extend(
-                checks
-                    .iter()
-                    .zip(found)
-                    .map(|(c, f)| outcome(c, f, now_ns, jiffy_ns)),
-            ),
-            Err(e) => log::debug!("end check: netns {ns}: {e}"),
-        }
-    }
-    out
+    sock_diag::lookup_each(due, |c| (lookup_cookie(c.key), c.conn), "end check")
+        .iter()
+        .map(|(c, found)| outcome(c, *found, now_ns, jiffy_ns))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::IpAddr;
-
     use super::*;
-    use crate::event::{Endpoints, Family, Substate};
+    use crate::{aggregate::tests::conn, event::Substate};
 
     const S: u64 = 1_000_000_000;
 
     fn check() -> EndCheck {
         EndCheck {
             key: TwKey::Cookie(7),
-            conn: Endpoints {
-                netns: 1,
-                family: Family::Ipv4,
-                laddr: IpAddr::from([127, 0, 0, 1]),
-                lport: 40000,
-                raddr: IpAddr::from([127, 0, 0, 1]),
-                rport: 8080,
-            },
+            conn: conn(40000),
             substate: Substate::TimeWait,
             due_ns: 70 * S,
         }

@@ -259,6 +259,37 @@ const INET_DIAG_NOCOOKIE: [u32; 2] = [!0, !0];
 /// `idiag_timer` of a TIME_WAIT socket; a full socket in FIN_WAIT2 has another.
 const TIMER_TIME_WAIT: u8 = 3;
 
+/// Looks up each item's connection (`conn` gives its cookie and endpoints) in its own
+/// namespace, namespace by namespace. A namespace no longer reachable was deleted, and its
+/// sockets with it: Gone. The items of a namespace whose lookups failed are left out (said
+/// in the debug log as `what`), to be asked about again.
+pub fn lookup_each<T>(
+    items: Vec<T>,
+    conn: impl Fn(&T) -> (u64, Endpoints),
+    what: &str,
+) -> Vec<(T, Lookup)> {
+    let mut by_netns: HashMap<u32, Vec<T>> = HashMap::new();
+    for item in items {
+        by_netns.entry(conn(&item).1.netns).or_default().push(item);
+    }
+    let paths: HashMap<u32, std::path::PathBuf> = netns::enumerate()
+        .into_iter()
+        .map(|n| (n.inode, n.path))
+        .collect();
+    let mut out = Vec::new();
+    for (ns, items) in by_netns {
+        let found = match paths.get(&ns) {
+            Some(path) => lookup_in(path, items.iter().map(&conn).collect()),
+            None => Ok(vec![Lookup::Gone; items.len()]),
+        };
+        match found {
+            Ok(found) => out.extend(items.into_iter().zip(found)),
+            Err(e) => log::debug!("{what}: netns {ns}: {e}"),
+        }
+    }
+    out
+}
+
 /// Looks up connections by cookie and address (no dump: the kernel finds each in its hash)
 /// inside the namespace at `path`; the answers come in the order asked.
 pub fn lookup_in(path: &Path, conns: Vec<(u64, Endpoints)>) -> io::Result<Vec<Lookup>> {

@@ -12,7 +12,7 @@
 //! - a connection still open (FIN_WAIT2 waiting for its peer) is looked at again later, less
 //!   and less often.
 
-use std::{collections::HashMap, io};
+use std::collections::HashMap;
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use twtrace_ebpf::{
@@ -20,10 +20,7 @@ use twtrace_ebpf::{
     closing_flag::{CLOSER_SET, IGNORED},
 };
 
-use super::{
-    netns,
-    sock_diag::{self, Lookup},
-};
+use super::sock_diag::{self, Lookup};
 use crate::{
     aggregate::TIMEWAIT_LEN_NS,
     decode,
@@ -186,45 +183,23 @@ impl Sweeper {
         if due.is_empty() {
             return Vec::new();
         }
-        let mut by_netns: HashMap<u32, Vec<(u64, Closing, Endpoints)>> = HashMap::new();
+        let mut conns = Vec::new();
         for (cookie, c) in due {
             match decode::endpoints(&c.conn) {
-                Ok(conn) => by_netns
-                    .entry(conn.netns)
-                    .or_default()
-                    .push((cookie, c, conn)),
+                Ok(conn) => conns.push((cookie, c, conn)),
                 Err(_) => self.forget(cookie),
             }
         }
-        let paths: HashMap<u32, std::path::PathBuf> = netns::enumerate()
-            .into_iter()
-            .map(|n| (n.inode, n.path))
-            .collect();
+        let found = sock_diag::lookup_each(conns, |(k, _, c)| (*k, *c), "sweep");
         let mut out = Vec::new();
-        for (ns, conns) in by_netns {
-            let found: io::Result<Vec<Lookup>> = match paths.get(&ns) {
-                Some(path) => {
-                    sock_diag::lookup_in(path, conns.iter().map(|(k, _, c)| (*k, *c)).collect())
+        for ((cookie, c, conn), lookup) in found {
+            match self.sweep.outcome(cookie, &c, &conn, lookup, now) {
+                Outcome::Later => {}
+                Outcome::Report(e) => {
+                    self.forget(cookie);
+                    out.push(*e);
                 }
-                // A namespace no longer reachable was deleted, and its TIME_WAITs with it.
-                None => Ok(vec![Lookup::Gone; conns.len()]),
-            };
-            let found = match found {
-                Ok(f) => f,
-                Err(e) => {
-                    log::debug!("sweep: netns {ns}: {e}");
-                    continue;
-                }
-            };
-            for ((cookie, c, conn), lookup) in conns.iter().zip(found) {
-                match self.sweep.outcome(*cookie, c, conn, lookup, now) {
-                    Outcome::Later => {}
-                    Outcome::Report(e) => {
-                        self.forget(*cookie);
-                        out.push(*e);
-                    }
-                    Outcome::Forget => self.forget(*cookie),
-                }
+                Outcome::Forget => self.forget(cookie),
             }
         }
         out
